@@ -1,0 +1,54 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+# The virtual environment is built from requirements.lock (every package pinned) whenever it is missing or the
+# lock changed; nothing is downloaded at run time.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export YOLO_OFFLINE := true
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run test test-fast bench lint format doctor lock clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+venv: $(STAMP)  ## create the virtual environment from the lock
+
+run: $(STAMP)  ## run the whole pipeline on the embedded defaults (sample world, local stores)
+	$(VENV)/bin/wanwu run
+
+test: $(STAMP)  ## the whole test suite (what CI runs)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  ## the suite without the slow (training / export) tests
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)  ## every benchmark, each against a baseline measured in the same run → bench/results/
+	$(PY) -m bench
+
+lint: $(STAMP)  ## ruff lint and format check
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+doctor: $(STAMP)  ## what is ready and what is not, with the fix for each
+	$(VENV)/bin/wanwu doctor
+
+lock:  ## re-resolve requirements.in into requirements.lock (needs the registries)
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet -r requirements.in
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^wanwu' > requirements.lock
+	rm -rf .venv-lock
+
+clean:  ## remove run outputs (keeps the virtual environment)
+	rm -rf data/raw data/collect data/world data/autolabel data/quality data/train data/distill data/evaluate \
+	       data/export data/promote mlflow.db mlartifacts runs reports .wanwu

@@ -1,0 +1,1 @@
+"""One module per pipeline stage: a plain `run` function plus its Prefect task."""

@@ -1,0 +1,115 @@
+"""`wanwu`: the command line. Heavy libraries are imported inside commands so `wanwu --help` answers at once."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="wanwu",
+    help=(
+        "万物 wanwu: turn a folder of unlabeled images into a deployed, Chinese-labelled object detector, "
+        "and keep it fresh.\n\n"
+        "Start with `wanwu doctor` (is everything ready?), then `wanwu run` (the whole pipeline on params.yaml). "
+        "`wanwu stage NAME` runs one stage (what `dvc repro` calls)."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class Stage(str, Enum):
+    collect = "collect"
+    autolabel = "autolabel"
+    quality = "quality"
+    train = "train"
+    distill = "distill"
+    evaluate = "evaluate"
+    export = "export"
+    promote = "promote"
+
+
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", "-p", help="the params file; its folder is the project root", show_default=True)
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-S", help="override a param for this run, e.g. -S train.epochs=3 (repeatable)"),
+]
+
+
+def _overrides(items: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. train.epochs=3", param_hint="--set")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def _load(params_path: Path, sets: list[str] | None):
+    from wanwu.config import ParamsError, load_params
+    from wanwu.offline import harden
+
+    try:
+        params = load_params(params_path, _overrides(sets))
+    except ParamsError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+    harden(params_path.resolve().parent)
+    return params
+
+
+@app.command()
+def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Run the whole pipeline flow (collect → … → promote) as far as its stages exist."""
+    p = _load(params, set_)
+    from flows.pipeline import pipeline
+
+    pipeline(params_path=str(params.resolve()), overrides=_overrides(set_))
+    _ = p
+
+
+@app.command()
+def stage(
+    name: Annotated[Stage, typer.Argument(help="the stage to run; the same name as in dvc.yaml and params.yaml")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Run one stage without Prefect (this is what each `dvc.yaml` stage calls)."""
+    p = _load(params, set_)
+    import importlib
+
+    try:
+        module = importlib.import_module(f"tasks.{name.value}")
+    except ModuleNotFoundError:
+        typer.secho(f"stage {name.value!r} is not built yet (no tasks/{name.value}.py).", fg="red", err=True)
+        raise typer.Exit(2) from None
+    module.run_stage(p)
+
+
+@app.command()
+def doctor(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Say what is ready and what is not (offline mode, font, stores, device, disk), with the fix for each."""
+    from wanwu.offline import doctor as run_doctor
+
+    ok = run_doctor(params.resolve().parent, params)
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg="yellow", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
