@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export YOLO_OFFLINE := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test test-fast bench lint format doctor lock clean help
+.PHONY: repro run test test-fast bench lint format doctor lock clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -52,3 +52,6 @@ lock:  ## re-resolve requirements.in into requirements.lock (needs the registrie
 clean:  ## remove run outputs (keeps the virtual environment)
 	rm -rf data/raw data/collect data/world data/autolabel data/quality data/train data/distill data/evaluate \
 	       data/export data/promote mlflow.db mlartifacts runs reports .wanwu
+
+repro: $(STAMP)  ## the same pipeline through DVC (dvc repro), with the project's environment on PATH
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro

@@ -111,7 +111,9 @@ def _check_values(name: str, table: pa.Table) -> None:
         raise ContractError(f"{name}: sha256 may not be null")
     if name == "manifest":
         if df["sha256"].duplicated().any():
-            raise ContractError(f"manifest: duplicate sha256 {df.loc[df['sha256'].duplicated(), 'sha256'].tolist()[:3]}")
+            raise ContractError(
+                f"manifest: duplicate sha256 {df.loc[df['sha256'].duplicated(), 'sha256'].tolist()[:3]}"
+            )
         bad = set(df["split"].dropna()) - SPLITS
         if bad:
             raise ContractError(f"manifest: split values {sorted(bad)} not in {sorted(SPLITS)}")

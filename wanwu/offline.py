@@ -65,8 +65,13 @@ def cjk_font(root: Path) -> Path | None:
     return target
 
 
+def _ultralytics_dir(root: Path) -> Path:
+    """ultralytics' USER_CONFIG_DIR: $YOLO_CONFIG_DIR/Ultralytics (it appends the sub-folder itself)."""
+    return Path(os.environ.get("YOLO_CONFIG_DIR", state_dir(root))) / "Ultralytics"
+
+
 def _install_font(root: Path, font: Path) -> None:
-    ul_dir = state_dir(root) / "ultralytics"
+    ul_dir = _ultralytics_dir(root)
     ul_dir.mkdir(parents=True, exist_ok=True)
     for name in (_ULTRALYTICS_FONT, "Arial.ttf"):
         dest = ul_dir / name
@@ -106,7 +111,7 @@ def harden(root: str | Path = ".") -> Path:
         return root
     sd = state_dir(root)
     os.environ["YOLO_OFFLINE"] = "true"
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(sd / "ultralytics"))
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(sd))
     os.environ.setdefault("YOLO_VERBOSE", "false")
     os.environ["GX_ANALYTICS_ENABLED"] = "false"
     os.environ.setdefault("MPLBACKEND", "Agg")
@@ -122,7 +127,6 @@ def harden(root: str | Path = ".") -> Path:
     os.environ.setdefault("PREFECT_HOME", str(sd / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    (sd / "ultralytics").mkdir(parents=True, exist_ok=True)
     font = cjk_font(root)
     if font is not None:
         _install_font(root, font)
@@ -167,10 +171,12 @@ def checks(root: Path, params_path: Path | None = None) -> list[Check]:
             out.append(Check("ontology", False, str(e), "fix ontology.yaml as the message says"))
 
     offline = os.environ.get("YOLO_OFFLINE") == "true"
-    out.append(Check("offline mode", offline, f"YOLO_OFFLINE={os.environ.get('YOLO_OFFLINE')}", "export YOLO_OFFLINE=true"))
+    out.append(
+        Check("offline mode", offline, f"YOLO_OFFLINE={os.environ.get('YOLO_OFFLINE')}", "export YOLO_OFFLINE=true")
+    )
 
     font = cjk_font(root)
-    ul_font = Path(os.environ["YOLO_CONFIG_DIR"]) / _ULTRALYTICS_FONT
+    ul_font = _ultralytics_dir(root) / _ULTRALYTICS_FONT
     font_ok = font is not None and ul_font.exists()
     out.append(
         Check(

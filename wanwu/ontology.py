@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 OTHER_ID = -1
 """Id of everything that maps onto no class ("其他 / other"): kept, never silently dropped."""
@@ -104,8 +104,13 @@ class Ontology(BaseModel):
             raise OntologyError(f"{path}: not valid YAML ({e}). Fix the syntax at the line shown.") from e
         try:
             return cls.model_validate(raw)
-        except ValueError as e:
-            raise OntologyError(f"{path}: invalid ontology: {e}") from e
+        except ValidationError as e:
+            problems = "; ".join(
+                (".".join(str(x) for x in err["loc"]) + ": " if err["loc"] else "")
+                + err["msg"].removeprefix("Value error, ")
+                for err in e.errors()
+            )
+            raise OntologyError(f"{path}: invalid ontology: {problems}") from None
 
     # ---- lookups -------------------------------------------------------------------------------------
     @cached_property
