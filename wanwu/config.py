@@ -31,7 +31,10 @@ class SourceSpec(_Section):
     """One place images come from.
 
     ``uri`` is a folder (read recursively), a glob, a ``.txt`` file of http(s) URLs, an archive (.zip/.tar*),
-    ``sample://?n=…&seed=…`` or a labeled dataset (``format`` yolo / voc / coco / folders).
+    ``sample://?n=…&seed=…`` or a labeled dataset (``format`` yolo / voc / coco / folders). Relative paths are
+    relative to the project root. ``format: auto`` detects: a ``*.yaml`` with ``names`` beside ``labels/`` → yolo,
+    ``annotations/*.xml`` → voc, a json with ``images`` and ``annotations`` → coco, else plain images; class
+    folders (``root/[split/]<class>/*.jpg``) must be asked for with ``format: folders``. See wanwu/sources.py.
     """
 
     uri: str
@@ -71,6 +74,267 @@ class CollectParams(_Section):
             return [{"uri": s} if isinstance(s, str) else s for s in v]
         return v
 
+    def resolve(self, root: Path) -> CollectParams:
+        """Relative file, folder and glob sources are relative to the project root, not the working directory."""
+        out = []
+        for s in self.sources:
+            if "://" in s.uri or Path(s.uri).is_absolute():
+                out.append(s)
+            else:
+                out.append(s.model_copy(update={"uri": str(root / s.uri)}))
+        return self.model_copy(update={"sources": out})
+
+
+class _UltralyticsArgs(_Section):
+    """Training knobs under ultralytics' own names; they pass straight through to ``model.train``.
+
+    Any other ultralytics argument goes under ``extra`` (checked against ultralytics' own list at run time).
+    ``None`` leaves ultralytics' default; ``seed: null`` takes ``project.seed``; the device is ``project.device``.
+    """
+
+    epochs: int = Field(12, ge=1)
+    time: float | None = Field(None, gt=0, description="hard budget in hours: ultralytics fits the epochs into it")
+    imgsz: int = Field(256, ge=32)
+    batch: int | float = 16
+    seed: int | None = None
+    deterministic: bool = True
+    cache: bool | Literal["ram", "disk"] = "ram"
+    workers: int = Field(0, ge=0, description="dataloader processes; ultralytics forces 0 on the CPU anyway")
+    optimizer: str = "auto"
+    lr0: float | None = Field(None, gt=0, description="ignored by optimizer auto, which picks its own")
+    patience: int = Field(100, ge=0)
+    close_mosaic: int = Field(2, ge=0)
+    mosaic: float = Field(1.0, ge=0, le=1)
+    extra: dict[str, Any] = Field(default_factory=dict, description="any other ultralytics train argument")
+
+    def ultralytics_args(self, project_seed: int = 0) -> dict[str, Any]:
+        """The keyword arguments for ultralytics, ``extra`` last (it wins)."""
+        own = self.model_dump(include=set(_UltralyticsArgs.model_fields) - {"extra"})
+        args = {k: v for k, v in own.items() if v is not None}
+        args["seed"] = project_seed if self.seed is None else self.seed
+        return {**args, **self.extra}
+
+
+class TrainParams(_UltralyticsArgs):
+    """The baseline student: ultralytics on the quality stage's dataset with hard labels."""
+
+    model: str = Field(
+        "data/autolabel/proposer/best.pt",
+        description="starting point: a checkpoint (fine-tune; matching weights transfer) or a model yaml (scratch); "
+        "relative paths are relative to the project folder",
+    )
+    fallback_model: str = Field("yolo11n.yaml", description="used when `model` is a checkpoint that does not exist")
+
+
+class DistillParams(_UltralyticsArgs):
+    """The distilled student: fine-tunes the baseline with the teacher's soft labels and/or feature distillation."""
+
+    model: str = Field("data/train/best.pt", description="starting point: the baseline student")
+    mode: Literal["soft", "feature", "both"] = Field(
+        "soft",
+        description="soft: KD on the class distribution with the teacher's soft labels; feature: ultralytics' "
+        "distill_model from a larger detector trained in the same run; both: the two together",
+    )
+    temperature: float = Field(3.0, gt=0, description="KD temperature T")
+    alpha: float = Field(0.7, ge=0, description="weight of the KD term added to the detection loss")
+    teacher_model: str = Field(
+        "yolo11s.yaml", description="feature/both: the larger detector, a yaml (trained here first) or a checkpoint"
+    )
+    teacher_epochs: int = Field(10, ge=1, description="feature/both: epochs for the larger detector when trained here")
+    dis: float = Field(6.0, ge=0, description="feature/both: ultralytics' feature-distillation loss weight")
+
+
+class QualityParams(_Section):
+    """The quality gate: every threshold of its great-expectations suites, the dedup, the drift check and the splits.
+
+    Nothing trains on labels this stage has not passed; a failed expectation stops the run with the observed value
+    and the threshold named here.
+    """
+
+    # -- what enters the dataset
+    include_needs_review: bool = Field(
+        False, description="auto boxes the autolabel stage flagged needs_review: left out (and counted) unless true"
+    )
+    min_auto_confidence: float = Field(0.0, ge=0, le=1, description="auto boxes below this confidence are left out")
+    nms_iou: float = Field(
+        0.7, gt=0, le=1, description="class-aware NMS on auto boxes: same-class boxes overlapping more are duplicates"
+    )
+    # -- expectations on the labels and images
+    box_tolerance_px: float = Field(1.0, ge=0, description="how far (pixels) a box may reach outside its image")
+    min_box_side: float = Field(1.0, ge=0, description="a box narrower or lower than this (pixels) fails")
+    topk_sum_tolerance: float = Field(1e-3, ge=0, description="a box's top-k probabilities may sum to 1 + this")
+    min_boxes_per_image: int = Field(0, ge=0)
+    max_boxes_per_image: int = Field(100, ge=1)
+    min_image_side: int = Field(32, ge=1, description="pixels, either side")
+    max_image_side: int = Field(8192, ge=1, description="pixels, either side")
+    min_classes: int = Field(1, ge=0, description="ontology classes with at least one box in the dataset")
+    min_images_per_class: int = Field(10, ge=0, description="training images per class present in the dataset")
+    max_class_imbalance: float = Field(
+        50.0, ge=1, description="boxes of the most frequent class / boxes of the least frequent present class"
+    )
+    min_split_images: dict[str, int] = Field(
+        default_factory=lambda: {"train": 1, "val": 1, "test": 0},
+        description="images each split needs at least (ultralytics cannot train without val)",
+    )
+    near_dup_distance: int = Field(
+        4, ge=0, le=64, description="perceptual-hash Hamming distance at which two images count as the same scene"
+    )
+    # -- splits
+    split_ratios: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2},
+        description="by image hash; gold images are the test set, so then non-gold images split train:val only",
+    )
+    # -- label issues (cleanlab)
+    review_worst: int = Field(50, ge=0, description="the worst-scored boxes sent to the review queue")
+    label_issue_threshold: float = Field(0.5, ge=0, le=1, description="box label-quality score counted as an issue")
+    champion: Path | None = Field(
+        None, description="a detector checkpoint whose out-of-sample predictions also score the labels (optional)"
+    )
+    # -- drift against the last accepted dataset
+    drift_max_psi: float = Field(0.25, gt=0, description="population stability index above which a feature drifted")
+    drift_bins: int = Field(10, ge=2, description="quantile bins of the reference for continuous features")
+    workers: int = Field(4, ge=1, description="threads reading image statistics")
+
+    @field_validator("split_ratios")
+    @classmethod
+    def _ratios(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != {"train", "val", "test"}:
+            raise ValueError(f"needs exactly the keys train, val, test (got {sorted(v)})")
+        if any(x < 0 for x in v.values()) or v["train"] <= 0 or v["val"] <= 0:
+            raise ValueError(f"ratios must be ≥ 0 with train and val > 0 (got {v})")
+        return v
+
+    @field_validator("min_split_images")
+    @classmethod
+    def _split_keys(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = set(v) - {"train", "val", "test"}
+        if bad or any(x < 0 for x in v.values()):
+            raise ValueError(f"keys must be train/val/test with counts ≥ 0 (got {v})")
+        return {"train": 0, "val": 0, "test": 0, **v}
+
+
+class OrchestrationParams(_Section):
+    """Where the stages run: in this process (``local``), or the GPU stages as deployments on a work pool (``pools``).
+
+    ``pools`` needs a Prefect server with the deployments of prefect.yaml (``prefect deploy --all``) and a worker
+    on ``gpu_pool``; see infra/README.md. The labeling fan-out runs on threads, or on a Dask cluster (prefect-dask)
+    at ``dask_address`` (a temporary local cluster when it is empty).
+    """
+
+    dispatch: Literal["local", "pools"] = "local"
+    cpu_pool: str = "cpu"
+    gpu_pool: str = "gpu"
+    gpu_stages: list[str] = Field(
+        default_factory=lambda: ["autolabel", "train", "distill", "export"],
+        description="stages that run as deployments `stage/<name>` on gpu_pool when dispatch is pools",
+    )
+    task_runner: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = Field(None, description="tcp://scheduler:8786; empty: a temporary local cluster")
+
+    @field_validator("gpu_stages")
+    @classmethod
+    def _known_stages(cls, v: list[str]) -> list[str]:
+        unknown = [s for s in v if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}: choose from {list(STAGES)}")
+        return v
+
+
+class ServeParams(_Section):
+    """`wanwu serve`: the model it serves, micro-batching, request limits, hot reload and the optional cascade.
+
+    The API token is infrastructure: it comes from the environment variable named by ``token_env``, never from here.
+    """
+
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 to listen on every interface")
+    port: int = Field(8000, ge=0, le=65535)
+    model: str = Field("", description="an .onnx file to serve; empty: the registry's `alias` of `registry_model`")
+    registry_model: str = "wanwu-detector"
+    alias: str = "champion"
+    reload_interval: float = Field(10.0, gt=0, description="seconds between checks for a moved alias or a new file")
+    conf: float = Field(0.25, ge=0, le=1, description="box confidence threshold")
+    iou: float = Field(0.7, gt=0, le=1, description="NMS IoU threshold")
+    max_det: int = Field(300, ge=1)
+    imgsz: int | None = Field(None, ge=32, description="inference size; null: the size the ONNX was exported at")
+    max_batch: int = Field(8, ge=1, description="images per onnxruntime call")
+    batch_window_ms: float = Field(4.0, ge=0, description="how long the first request of a batch waits for others")
+    max_queue: int = Field(256, ge=1, description="requests waiting for a batch; beyond it: 503, retry later")
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0: one per core")
+    max_image_bytes: int = Field(10_000_000, gt=0, description="per uploaded image (413 above)")
+    max_request_bytes: int = Field(40_000_000, gt=0, description="whole request body (413 above)")
+    max_images: int = Field(16, ge=1, description="images per request (413 above)")
+    max_pixels: int = Field(40_000_000, gt=0, description="width × height per image, a decompression-bomb guard (413)")
+    content_types: list[str] = Field(
+        default_factory=lambda: ["image/jpeg", "image/png", "image/webp", "image/bmp", "application/octet-stream"],
+        description="accepted part types (415 otherwise); octet-stream parts are accepted when they decode",
+    )
+    token_env: str = Field("WANWU_API_TOKEN", description="env var holding the bearer token; unset: no token needed")
+    cascade: bool = Field(False, description="re-name low-confidence boxes with the teacher on their crops")
+    cascade_threshold: float = Field(0.5, ge=0, le=1, description="boxes below this confidence go to the teacher")
+    cascade_cache: int = Field(4096, ge=0, description="teacher answers kept, by crop content hash (LRU)")
+    cascade_teacher: str = Field(
+        "", description="`module:factory` returning an object with predict_proba(crops) → probs over ontology ids"
+    )
+
+
+class EvaluateParams(_Section):
+    """Every candidate and the current champion on the same gold set (the quality dataset's test split)."""
+
+    candidates: list[str] = Field(
+        default_factory=lambda: ["train/best.pt", "distill/best.pt"],
+        description="checkpoints relative to project.data_dir; missing ones are skipped (distill is optional)",
+    )
+    include_champion: bool = Field(True, description="also measure the registry's champion on the same gold set")
+    split: str = Field("test", description="the gold split of data/quality/dataset/data.yaml")
+    imgsz: int | None = Field(None, ge=32, description="null: the first candidate's training imgsz, for every model")
+    batch: int = Field(16, ge=1)
+    conf: float = Field(0.001, ge=0, le=1, description="ultralytics' validation default: mAP needs the low scores")
+    iou: float = Field(0.7, gt=0, le=1)
+    latency_runs: int = Field(30, ge=2, description="timed CPU predict calls, batch 1, for p50 and p95")
+    latency_warmup: int = Field(5, ge=0)
+    plots: bool = Field(True, description="confusion matrices and PR curves with Chinese names")
+
+
+class ExportParams(_Section):
+    """ONNX export (ultralytics' names), the parity check against PyTorch and the INT8 decision."""
+
+    imgsz: int | None = Field(None, ge=32, description="null: the image size the evaluation used")
+    dynamic: bool = Field(True, description="dynamic batch (and spatial) axes")
+    simplify: bool = Field(True, description="onnxslim")
+    opset: int | None = Field(18, ge=9, description="null: ultralytics picks the newest its torch supports")
+    parity_images: int = Field(8, ge=1, description="gold images run through both PyTorch and onnxruntime")
+    parity_max_abs_diff: float = Field(0.01, gt=0, description="largest raw output difference (pixels / scores)")
+    parity_conf: float = Field(0.25, ge=0, le=1, description="confidence filter before NMS for box agreement")
+    parity_iou: float = Field(0.7, gt=0, le=1, description="NMS IoU")
+    parity_box_iou: float = Field(0.9, gt=0, le=1, description="IoU at which two boxes of one class agree")
+    parity_min_agreement: float = Field(0.95, ge=0, le=1, description="matched boxes / boxes")
+    int8: bool = Field(True, description="try INT8 static quantization (kept only when it pays)")
+    int8_calibration_images: int = Field(64, ge=1, description="training images that calibrate the INT8 ranges")
+    int8_per_channel: bool = False
+    int8_max_map_drop: float = Field(0.01, ge=0, description="mAP50-95 INT8 may lose (0.01 = 1 point)")
+    int8_min_speedup: float = Field(1.05, gt=0, description="FP32 p50 / INT8 p50 needed to keep INT8")
+    latency_runs: int = Field(50, ge=2)
+    latency_warmup: int = Field(5, ge=0)
+    conf: float = Field(0.25, ge=0, le=1, description="the served model's default confidence threshold")
+    iou: float = Field(0.7, gt=0, le=1, description="the served model's default NMS IoU")
+    log_model: bool = Field(True, description="log the model to MLflow and register it as a version")
+
+
+class PromoteParams(_Section):
+    """The promotion gate, the canary and the rollback tolerance (the model name comes from the environment)."""
+
+    min_improvement: float = Field(0.005, ge=0, description="mAP50-95 the candidate must gain over the champion")
+    max_recall_drop: float = Field(0.10, ge=0, le=1, description="largest recall any class may lose")
+    latency_budget_ms: float = Field(250.0, gt=0, description="p95 CPU latency (batch 1) a candidate must stay under")
+    floor_map50: float = Field(0.10, ge=0, le=1, description="absolute floor, for the first model and every model")
+    floor_map50_95: float = Field(0.05, ge=0, le=1)
+    rollback_tolerance: float = Field(
+        0.05, ge=0, le=1, description="roll back when accuracy < (1 − this) × the figure at promotion"
+    )
+    rollback_metric: Literal["mAP50-95", "mAP50"] = "mAP50-95"
+    canary: bool = Field(True, description="re-evaluate the new champion from the registry right after promotion")
+    lock_timeout_s: float = Field(600.0, gt=0, description="how long a promotion waits for another one to finish")
+
 
 class StageParams(_Section):
     """A later stage's section: accepted as it is until that stage defines its record."""
@@ -82,14 +346,14 @@ class Params(_Section):
     project: ProjectParams = ProjectParams()
     collect: CollectParams = CollectParams()
     autolabel: StageParams = StageParams()
-    quality: StageParams = StageParams()
-    train: StageParams = StageParams()
-    distill: StageParams = StageParams()
-    evaluate: StageParams = StageParams()
-    export: StageParams = StageParams()
-    promote: StageParams = StageParams()
-    serve: StageParams = StageParams()
-    orchestration: StageParams = StageParams()
+    quality: QualityParams = QualityParams()
+    train: TrainParams = TrainParams()
+    distill: DistillParams = DistillParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+    promote: PromoteParams = PromoteParams()
+    serve: ServeParams = ServeParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
 
     # ---- paths every stage agrees on -----------------------------------------------------------------
     def resolve(self, root: Path) -> Params:
@@ -99,6 +363,7 @@ class Params(_Section):
             p.project.data_dir = root / p.project.data_dir
         if not p.project.ontology.is_absolute():
             p.project.ontology = root / p.project.ontology
+        p.collect = p.collect.resolve(root)
         return p
 
 
