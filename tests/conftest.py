@@ -14,6 +14,12 @@ try:  # offline switches before anything imports ultralytics / great_expectation
 except ImportError:  # pragma: no cover - offline.py not written yet
     harden = None
 if harden is not None:
+    import os
+    import tempfile
+
+    # Tests never write into the project's own MLflow store: a session store in a temp folder unless a test
+    # sets its own (most do, under tmp_path).
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='wanwu-mlflow-')}/mlflow.db")
     harden(REPO)
 
 
