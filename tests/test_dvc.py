@@ -1,0 +1,99 @@
+"""DVC runs the same stages: from clean, again (nothing to do), after a param change, experiments, push/pull.
+
+A real DVC project in a temp git repo holding a copy of this project's sources, at a tiny sample world.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = "sample://?n=10&seed=3&catalogue_train=2&catalogue_val=1&generic_train=2&generic_val=1"
+
+pytestmark = pytest.mark.slow
+
+
+def _sh(cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.pop("WANWU_PARENT_RUN_ID", None)
+    out = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "proj"
+    root.mkdir()
+    for d in ("wanwu", "tasks", "flows"):
+        shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "ontology.yaml", root)
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["collect"]["sources"] = [{"uri": TINY}]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
+    stages["stages"] = {"collect": stages["stages"]["collect"]}  # the later stages train models: not here
+    (root / "dvc.yaml").write_text(yaml.safe_dump(stages, allow_unicode=True), encoding="utf-8")
+    (root / "data").mkdir()
+    _sh("git init -q && git config user.email t@t && git config user.name t", root)
+    _sh("dvc init -q && dvc config core.analytics false", root)
+    _sh("git add -A && git commit -qm init", root)
+    return root
+
+
+def _ran(out: subprocess.CompletedProcess) -> list[str]:
+    return [line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")]
+
+
+def test_repro_from_clean_then_nothing_then_only_what_a_param_touches(project: Path):
+    first = _sh("dvc repro", project)
+    assert _ran(first) == ["collect"]
+    manifest = project / "data" / "collect" / "manifest.parquet"
+    assert manifest.is_file()
+    assert (project / "dvc.lock").is_file()
+
+    second = _sh("dvc repro", project)
+    assert _ran(second) == []
+    assert "up to date" in second.stdout
+
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    params["collect"]["jpeg_quality"] = 90
+    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    status = _sh("dvc status", project)
+    assert "collect:" in status.stdout and "modified:" in status.stdout  # the collect params section
+    third = _sh("dvc repro", project)
+    assert _ran(third) == ["collect"]
+
+
+def test_push_to_and_pull_from_a_local_remote(project: Path, tmp_path: Path):
+    _sh("dvc repro", project)
+    remote = tmp_path / "remote"
+    _sh(f"dvc remote add -d local {remote}", project)
+    _sh("dvc push", project)
+    assert any(remote.rglob("*"))
+    before = sorted(p.relative_to(project) for p in (project / "data" / "raw").rglob("*.jpg"))
+    shutil.rmtree(project / "data" / "raw")
+    shutil.rmtree(project / ".dvc" / "cache")
+    _sh("dvc pull", project)
+    after = sorted(p.relative_to(project) for p in (project / "data" / "raw").rglob("*.jpg"))
+    assert before and after == before
+    check = _sh("dvc status", project)
+    assert "up to date" in check.stdout or "Data and pipelines are up to date" in check.stdout
+
+
+def test_experiment_run_with_a_set_param(project: Path):
+    _sh("git add -A && git commit -qm 'lock' --allow-empty", project)
+    _sh("dvc repro && git add -A && git commit -qm repro", project)
+    out = _sh("dvc exp run -S collect.jpeg_quality=85 -n q85", project)
+    assert "q85" in out.stdout or "q85" in out.stderr
+    show = _sh("dvc exp show --no-pager --csv", project)
+    assert "q85" in show.stdout and "85" in show.stdout
