@@ -17,18 +17,17 @@ from prefect import flow, get_run_logger
 from wanwu.config import STAGES, load_params
 
 
-def _stage_task(stage: str):
-    """The stage's task, or None while the stage is not built yet (the run then goes as far as stages exist)."""
+def _stage_module(stage: str):
+    """The stage's module, or None while the stage is not built yet (the run then goes as far as stages exist)."""
     try:
-        module = importlib.import_module(f"tasks.{stage}")
+        return importlib.import_module(f"tasks.{stage}")
     except ModuleNotFoundError as e:
         if e.name == f"tasks.{stage}":
             return None
         raise
-    return getattr(module, f"{stage}_task")
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline")
 def pipeline(
     params_path: str = "params.yaml",
     overrides: dict[str, str] | None = None,
@@ -49,16 +48,34 @@ def pipeline(
         os.environ[tracking.PARENT_ENV] = parent.info.run_id
         try:
             for stage in stages or STAGES:
-                task = _stage_task(stage)
-                if task is None:
-                    logger.info("stage %s is not built yet: the run stops before it", stage)
+                module = _stage_module(stage)
+                if module is None:
+                    logger.warning("stage %s is not built yet: the run stops before it", stage)
                     break
                 started = time.perf_counter()
+                task = getattr(module, f"{stage}_task")
                 results[stage] = task(getattr(params, stage), params.project)
                 timings[stage] = time.perf_counter() - started
                 mlflow.log_metric(f"seconds_{stage}", timings[stage])
+                if hasattr(module, "print_summary"):
+                    module.print_summary(results[stage])
         finally:
             os.environ.pop(tracking.PARENT_ENV, None)
-    for stage, seconds in timings.items():
-        print(f"{stage:>10}: {seconds:7.1f} s  {results[stage]}")
+    _print_timings(timings, params.project.data_dir, tracking.setup(root))
     return results
+
+
+def _print_timings(timings: dict[str, float], data_dir: Path, uri: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="wanwu pipeline")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    table.add_column("outputs")
+    for stage, seconds in timings.items():
+        table.add_row(stage, f"{seconds:.1f}", str(data_dir / stage) if (data_dir / stage).exists() else str(data_dir))
+    table.add_row("total", f"{sum(timings.values()):.1f}", "")
+    console = Console()
+    console.print(table)
+    console.print(f"MLflow store: {uri}  (browse: mlflow ui --backend-store-uri {uri})")

@@ -187,6 +187,9 @@ class QualityParams(_Section):
     # -- label issues (cleanlab)
     review_worst: int = Field(50, ge=0, description="the worst-scored boxes sent to the review queue")
     label_issue_threshold: float = Field(0.5, ge=0, le=1, description="box label-quality score counted as an issue")
+    label_issue_min_prob: float = Field(
+        0.8, gt=0, le=1, description="another class predicted this probably on a labeled spot makes the label suspect"
+    )
     champion: Path | None = Field(
         None, description="a detector checkpoint whose out-of-sample predictions also score the labels (optional)"
     )
@@ -272,6 +275,9 @@ class ServeParams(_Section):
     cascade: bool = Field(False, description="re-name low-confidence boxes with the teacher on their crops")
     cascade_threshold: float = Field(0.5, ge=0, le=1, description="boxes below this confidence go to the teacher")
     cascade_cache: int = Field(4096, ge=0, description="teacher answers kept, by crop content hash (LRU)")
+    cascade_context: float = Field(
+        1.3, ge=1, description="square crop side = this × the box's longer side (as autolabel.crop_context)"
+    )
     cascade_teacher: str = Field(
         "", description="`module:factory` returning an object with predict_proba(crops) → probs over ontology ids"
     )
@@ -336,6 +342,103 @@ class PromoteParams(_Section):
     lock_timeout_s: float = Field(600.0, gt=0, description="how long a promotion waits for another one to finish")
 
 
+class ProposerTrainParams(_UltralyticsArgs):
+    """The proposer trained here when there is no detector to start from (``autolabel.proposer`` auto or a yaml):
+    generic-corpus boxes (class 物体) plus the human seed (ontology classes), ultralytics' own argument names."""
+
+    model: str = Field("yolo11n.yaml", description="the architecture to train when autolabel.proposer is auto")
+    epochs: int = Field(6, ge=1)
+    imgsz: int = Field(256, ge=32)
+    close_mosaic: int = Field(1, ge=0)
+    generic_train: int | None = Field(200, ge=0, description="generic-corpus training images used (null: all)")
+    generic_val: int = Field(40, ge=0, description="generic-corpus validation images")
+    seed_repeat: int = Field(2, ge=1, description="each seed image appears this often per epoch (the seed is small)")
+
+
+class ExpertTrainParams(_UltralyticsArgs):
+    """The sample world's default teacher: one ultralytics classifier per catalogue domain (plus ``other``)."""
+
+    model: str = Field("yolo11n-cls.yaml", description="classifier architecture (yaml) or checkpoint")
+    epochs: int = Field(10, ge=1)
+    imgsz: int = Field(32, ge=16)
+    batch: int | float = 32
+    close_mosaic: int = 0
+    mosaic: float = 0.0
+    optimizer: str = "AdamW"
+    lr0: float | None = Field(0.002, gt=0)
+    init_from_proposer: bool = Field(True, description="start each expert's backbone from the proposer's weights")
+    other_from_domains: int = Field(40, ge=0, description="per other domain: catalogue images an expert sees as other")
+    generic_other: int = Field(160, ge=0, description="generic-corpus object crops every expert sees as other")
+    single_baseline: bool = Field(True, description="also train one all-domain classifier (the fusion table's baseline)")
+
+
+class TeacherSpec(_Section):
+    """One recognizer. ``kind``: ultralytics (a ``*-cls.pt``), torchvision / timm (state_dict + ``arch`` +
+    ``labels``), modelscope (a general-recognition model folder), open_clip (``arch`` = model name with ``path`` =
+    weights file, or ``path`` = an open_clip folder). Paths are relative to the project folder."""
+
+    kind: Literal["ultralytics", "torchvision", "timm", "modelscope", "open_clip"]
+    path: str
+    name: str | None = None
+    arch: str | None = None
+    labels: str | None = Field(None, description="torchvision/timm: a labels file (one per line or a JSON list)")
+    config: str | None = Field(None, description="open_clip: a model config JSON to register first")
+    imgsz: int | None = Field(None, ge=16)
+    batch: int = Field(256, ge=1, description="crops per forward pass")
+
+
+class FusionParams(_Section):
+    strategy: Literal["vote", "weighted", "stacked"] = Field(
+        "stacked", description="how the teachers' opinions combine (the fusion table in metrics.json compares all)"
+    )
+    weights: dict[str, float] = Field(default_factory=dict, description="weighted: teacher name → weight")
+    fit_weights: bool = Field(True, description="weighted: weights = each teacher's accuracy on labeled crops")
+    C: float = Field(1.0, gt=0, description="stacked: inverse regularisation of the logistic regression")
+    other_crops: int = Field(200, ge=0, description="generic-corpus crops added to the seed crops as 'other' examples")
+
+
+class AutolabelParams(_Section):
+    """Proposer boxes → crops → teachers → fusion → merged labels, review queue and soft labels."""
+
+    proposer: str = Field(
+        "auto",
+        description="a detector checkpoint (.pt), a model yaml (trained here), champion (the registry's alias) or "
+        "auto (the champion if there is one, else one trained here on the generic corpus plus the seed)",
+    )
+    class_aware: bool = Field(True, description="use the proposer's class names (looked up in the ontology)")
+    conf: float = Field(0.1, ge=0, le=1, description="proposer confidence threshold (low: recall first)")
+    iou: float = Field(0.6, gt=0, le=1, description="class-agnostic NMS IoU")
+    max_det: int = Field(100, ge=1)
+    imgsz: int | None = Field(None, ge=32, description="proposer inference size; null: its training size")
+    proposer_train: ProposerTrainParams = ProposerTrainParams()
+    teachers: list[TeacherSpec] = Field(
+        default_factory=list, description="empty: domain experts trained on data/world/catalogue (sample world)"
+    )
+    experts: ExpertTrainParams = ExpertTrainParams()
+    fusion: FusionParams = FusionParams()
+    topk: int = Field(5, ge=1, description="soft labels kept per box (the distill stage reads them)")
+    crop_context: float = Field(1.3, ge=1, description="square crop side = this × the box's longer side")
+    teacher_threshold: float = Field(0.5, ge=0, le=1, description="teacher's label wins over the proposer's above")
+    review_threshold: float = Field(0.7, ge=0, le=1, description="boxes whose top probability is below need review")
+    review_max_tasks: int = Field(300, ge=0, description="images in the Label Studio queue, most uncertain first")
+    review_image_root: str = Field("/data/local-files/?d=", description="prefix of data/-relative image paths")
+    review_imports: list[str] = Field(
+        default_factory=list, description="Label Studio JSON exports (files or globs) whose answers win over auto labels"
+    )
+    splits: list[Literal["pool", "gold", "seed"]] = Field(
+        default_factory=lambda: ["pool", "gold"], description="manifest splits to label"
+    )
+    shard_size: int = Field(64, ge=1, description="images per shard (one Parquet part, one Prefect task)")
+    proposer_batch: int = Field(16, ge=1, description="images per proposer forward pass")
+    crop_batch: int = Field(256, ge=1, description="crops per teacher forward pass (experts)")
+    runner: Literal["threads", "dask", "local"] = Field(
+        "threads", description="shard fan-out: Prefect on threads, Prefect on Dask (prefect-dask), or a plain loop"
+    )
+    workers: int = Field(2, ge=1, description="threads, or local Dask workers")
+    dask_address: str | None = Field(None, description="tcp://scheduler:8786; empty: a temporary local cluster")
+    match_iou: float = Field(0.5, gt=0, le=1, description="IoU for precision/recall against the truth")
+
+
 class StageParams(_Section):
     """A later stage's section: accepted as it is until that stage defines its record."""
 
@@ -345,7 +448,7 @@ class StageParams(_Section):
 class Params(_Section):
     project: ProjectParams = ProjectParams()
     collect: CollectParams = CollectParams()
-    autolabel: StageParams = StageParams()
+    autolabel: AutolabelParams = AutolabelParams()
     quality: QualityParams = QualityParams()
     train: TrainParams = TrainParams()
     distill: DistillParams = DistillParams()

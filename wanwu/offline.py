@@ -127,6 +127,8 @@ def harden(root: str | Path = ".") -> Path:
     os.environ.setdefault("PREFECT_HOME", str(sd / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Prefect's temporary local API gets 20 s to start by default: too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     font = cjk_font(root)
     if font is not None:
         _install_font(root, font)
