@@ -103,6 +103,78 @@ def doctor(params: ParamsOpt = Path("params.yaml")) -> None:
     raise typer.Exit(0 if ok else 1)
 
 
+@app.command()
+def serve(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="serve this .onnx file (hot-reloaded when replaced), not the registry"),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default: serve.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default: serve.port)")] = None,
+) -> None:
+    """Serve the registry's champion over HTTP: POST /recognize, GET /health, GET /metrics, /docs.
+
+    The API token, when wanted, comes from the environment ($WANWU_API_TOKEN by default), never from a file.
+    """
+    p = _load(params, set_)
+    from wanwu.serve import ServeError
+    from wanwu.serve import run as run_server
+
+    try:
+        run_server(p, params.resolve().parent, model=model, host=host, port=port)
+    except ServeError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def history(
+    params: ParamsOpt = Path("params.yaml"),
+    limit: Annotated[int, typer.Option(help="most recent decisions to show")] = 50,
+) -> None:
+    """List every promotion decision (promoted, refused, rolled back) with its figures and reason."""
+    _load(params, None)
+    from rich.console import Console
+    from rich.table import Table
+
+    from wanwu import registry
+
+    rows = registry.history()[-limit:]
+    champ, prev = registry.get_alias(registry.CHAMPION), registry.get_alias(registry.PREVIOUS)
+    table = Table(title=f"{registry.model_name()}: champion {champ.version if champ else '-'}, "
+                  f"previous {prev.version if prev else '-'}")
+    for col in ("when (UTC)", "decision", "version", "champion", "mAP50-95 cand / champ", "reason"):
+        table.add_column(col, overflow="fold")
+    colour = {"promoted": "green", "refused": "red", "rolled_back": "yellow", "manual_rollback": "yellow"}
+    for r in rows:
+        f = r["figures"]
+        cand, ch = f.get("candidate_mAP50_95"), f.get("champion_mAP50_95")
+        figs = " / ".join("-" if v is None else f"{v:.4f}" for v in (cand, ch)) if cand or ch else ""
+        move = f"{r['champion_before'] or '-'} → {r['champion_after'] or '-'}"
+        c = colour.get(r["decision"], "white")
+        table.add_row(r["decided_at"][:19], f"[{c}]{r['decision']}[/]", r["version"], move, figs, r["reason"])
+    Console().print(table if rows else "no decisions recorded yet")
+
+
+@app.command()
+def rollback(
+    params: ParamsOpt = Path("params.yaml"),
+    reason: Annotated[str, typer.Option(help="why; recorded in the history")] = "manual rollback",
+) -> None:
+    """Move the `champion` alias back to `previous` by hand (recorded as manual_rollback)."""
+    _load(params, None)
+    from wanwu import registry
+
+    try:
+        d = registry.rollback(reason, automatic=False)
+    except registry.RegistryError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"champion: version {d.champion_before} → {d.champion_after} ({reason})")
+
+
 def main() -> None:
     try:
         app()

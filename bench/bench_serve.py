@@ -1,0 +1,418 @@
+"""Serving under load: `wanwu serve` against a naive service, same model, same machine, same run.
+
+The naive service is what one writes first: FastAPI calling ultralytics ``YOLO(model.onnx).predict`` once per
+request (behind a lock: one ultralytics predictor is not thread-safe). Ours is ``wanwu serve`` from the registry:
+micro-batching, batch preprocessing, onnxruntime directly, hot reload. Each runs in its own process on 127.0.0.1;
+the load comes from a bounded asyncio client (``CLIENTS`` concurrent clients, ``REQUESTS`` requests per
+service, ``TIME_LIMIT`` seconds at most), one image per request. Rounds run A B B A (naive, ours, ours, naive) so
+drift on a shared machine falls on both sides. In each of our rounds the registry alias ``champion`` moves to the
+other version halfway through: the errors figure includes the switches.
+
+The model is a YOLO11n (16 ontology classes, untrained) exported at imgsz 320 with dynamic shapes; its
+confidence threshold is set, for both services alike, so that each image yields about ``BOXES_PER_IMAGE``
+candidate boxes, a real scene's post-processing load. Images: ``N_IMAGES`` distinct 640×480 JPEGs.
+
+Run alone: ``python -m bench.bench_serve`` (writes bench/results/serve.json).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import File, UploadFile  # module level: the naive handler's annotations resolve against these
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIENTS = 8
+REQUESTS = 400  # per service, split over the rounds
+TIME_LIMIT = 120.0  # seconds per service, all rounds together
+ROUNDS = ("naive", "ours", "ours", "naive")
+IMGSZ = 320
+N_IMAGES = 32
+BOXES_PER_IMAGE = 20
+GOAL_RATIO = 2.0
+
+
+# ---- the naive service (run as: python bench/bench_serve.py naive MODEL PORT CONF) -------------------------
+def naive_app(model_path: str, conf: float, imgsz: int) -> Any:
+    from threading import Lock
+
+    from fastapi import FastAPI
+    from PIL import Image
+    from ultralytics import YOLO
+
+    from wanwu.ontology import Ontology
+
+    onto = Ontology.load(ROOT / "ontology.yaml")
+    model = YOLO(model_path, task="detect")
+    lock = Lock()
+    app = FastAPI()
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"ready": True}
+
+    @app.post("/recognize")
+    def recognize(images: list[UploadFile] = File(...)) -> dict:  # sync: FastAPI runs it in its thread pool
+        out = []
+        for f in images:
+            img = Image.open(f.file).convert("RGB")
+            with lock:
+                r = model.predict(img, imgsz=imgsz, conf=conf, iou=0.7, verbose=False)[0]
+            boxes = []
+            for xyxy, c, k in zip(r.boxes.xyxy.tolist(), r.boxes.conf.tolist(), r.boxes.cls.tolist(), strict=True):
+                oid = onto.lookup_or_other(r.names[int(k)])
+                boxes.append(
+                    {"xyxy": xyxy, "confidence": c, "label_zh": onto.zh(oid), "label_en": onto.en(oid), "class_id": oid}
+                )
+            out.append({"filename": f.filename, "boxes": boxes})
+        return {"model_version": "naive", "images": out}
+
+    return app
+
+
+def _naive_main(model_path: str, port: int, conf: float) -> None:
+    import uvicorn
+
+    from wanwu.offline import harden
+
+    harden(Path(model_path).parent)
+    uvicorn.run(naive_app(model_path, conf, IMGSZ), host="127.0.0.1", port=port, log_level="warning")
+
+
+# ---- set-up ----------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _images(n: int, seed: int = 0) -> list[bytes]:
+    """Synthetic 640×480 scenes: a gradient, clutter of shapes, some noise; JPEG quality 90."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    yy, xx = np.mgrid[0:480, 0:640]
+    for _ in range(n):
+        base = rng.integers(60, 200, 3)
+        grad = (base[None, None, :] + (xx[..., None] * rng.uniform(-0.1, 0.1, 3)) + (yy[..., None] * 0.05)).clip(0, 255)
+        img = Image.fromarray((grad + rng.normal(0, 6, grad.shape)).clip(0, 255).astype(np.uint8))
+        d = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(4, 12))):
+            x, y = int(rng.integers(0, 560)), int(rng.integers(0, 400))
+            w, h = int(rng.integers(30, 200)), int(rng.integers(30, 200))
+            colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+            (d.ellipse if rng.random() < 0.5 else d.rectangle)((x, y, x + w, y + h), fill=colour)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _calibrate_conf(model: Path, images: list[bytes], per_image: int) -> float:
+    """The threshold at which the untrained model keeps about `per_image` candidate boxes per image."""
+    import cv2
+
+    from wanwu.onnx_model import OnnxDetector
+
+    det = OnnxDetector(model, conf=0.0)
+    scores = []
+    for data in images[:8]:
+        prep = det.prepare(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+        x, _ = det.to_batch([prep])
+        out = det.session.run(None, {det.input_name: x})[0][0]
+        s = out[4:].max(0)
+        scores.append(np.sort(s[s < 0.5])[::-1])  # the hot class of the coarsest scale aside
+    k = per_image - 1
+    return float(np.median([s[k] for s in scores if len(s) > k]))
+
+
+def _register(models: dict[str, Path], uri: str, tmp: Path) -> dict[str, str]:
+    import mlflow
+    import onnx
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("bench-serve", artifact_location=(tmp / "mlartifacts").as_uri())
+    versions = {}
+    for tag, path in models.items():
+        with mlflow.start_run(experiment_id=exp):
+            info = mlflow.onnx.log_model(
+                onnx.load(str(path)),
+                name="model",
+                registered_model_name="wanwu-detector",
+                pip_requirements=["onnxruntime"],
+            )
+        versions[tag] = str(info.registered_model_version)
+    client.set_registered_model_alias("wanwu-detector", "champion", versions["v1"])
+    return versions
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path, url: str, timeout: float = 180) -> subprocess.Popen:
+    import httpx
+
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}; see {log}:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.terminate()
+    raise RuntimeError(f"{cmd[:4]} not ready after {timeout} s; see {log}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+# ---- the load --------------------------------------------------------------------------------------------
+async def _load(url: str, images: list[bytes], n: int, clients: int, time_limit: float, midway=None) -> dict[str, Any]:
+    """`n` requests from `clients` concurrent clients (bounded by `time_limit`); `midway()` runs at n/2."""
+    import httpx
+
+    lat: list[float] = []
+    statuses: list[int] = []
+    versions: list[str | None] = []
+    issued = 0
+    done = 0
+    switched = asyncio.Event()
+    deadline = time.perf_counter() + time_limit
+
+    async def worker(c: httpx.AsyncClient) -> None:
+        nonlocal issued, done
+        while issued < n and time.perf_counter() < deadline:
+            i = issued
+            issued += 1
+            t0 = time.perf_counter()
+            try:
+                r = await c.post("/recognize", files=[("images", (f"{i}.jpg", images[i % len(images)], "image/jpeg"))])
+                status = r.status_code
+                version = r.json().get("model_version") if status == 200 else None
+            except httpx.HTTPError:
+                status, version = -1, None
+            lat.append(time.perf_counter() - t0)
+            statuses.append(status)
+            versions.append(version)
+            done += 1
+            if midway is not None and done >= n // 2 and not switched.is_set():
+                switched.set()
+                await asyncio.to_thread(midway)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        for i in range(2 * clients):  # warm-up, not measured
+            await c.post("/recognize", files=[("images", (f"w{i}.jpg", images[i % len(images)], "image/jpeg"))])
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker(c) for _ in range(clients)])
+        wall = time.perf_counter() - t0
+    return {"lat": lat, "statuses": statuses, "versions": versions, "wall": wall}
+
+
+def _say(who: str, r: dict[str, Any]) -> None:
+    lat = np.asarray(r["lat"]) * 1000
+    ok = sum(s == 200 for s in r["statuses"])
+    versions = sorted({v for v in r["versions"] if v})
+    print(
+        f"[bench_serve] {who:<5} {ok / r['wall']:6.1f} req/s  p50 {np.percentile(lat, 50):6.0f} ms  "
+        f"p99 {np.percentile(lat, 99):6.0f} ms  errors {len(lat) - ok}  versions {versions}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _metric(url: str, name: str) -> float:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def bench(tmp_dir: str | Path) -> list[dict]:
+    tmp = Path(tmp_dir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _tiny_detector import build_tiny_detector, detector_variant
+
+    from wanwu.offline import harden
+
+    harden(tmp)
+    base = build_tiny_detector(tmp / "models", imgsz=IMGSZ)
+    models = {"v1": base, "v2": detector_variant(base, tmp / "models" / "v2.onnx", hot_class=1)}
+    images = _images(N_IMAGES)
+    conf = _calibrate_conf(base, images, BOXES_PER_IMAGE)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    versions = _register(models, uri, tmp)
+    (tmp / "params.yaml").write_text(
+        json.dumps(
+            {
+                "project": {"ontology": str(ROOT / "ontology.yaml"), "data_dir": str(tmp / "data")},
+                "serve": {"conf": conf, "iou": 0.7, "reload_interval": 0.5, "max_batch": 8, "batch_window_ms": 4},
+            }
+        )
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "YOLO_OFFLINE": "true", "PYTHONUNBUFFERED": "1"}
+    env.pop("WANWU_API_TOKEN", None)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    per_round = REQUESTS // ROUNDS.count("ours")
+    results: dict[str, list[dict]] = {"naive": [], "ours": []}
+    ours_url = naive_url = None
+    ours_proc = naive_proc = None
+    current = {"v": "v1"}
+    batch = {"sum": 0.0, "count": 0.0}
+
+    def switch() -> None:
+        current["v"] = "v2" if current["v"] == "v1" else "v1"
+        client.set_registered_model_alias("wanwu-detector", "champion", versions[current["v"]])
+
+    try:
+        for who in ROUNDS:
+            # one service up at a time: the other's idle threads must not share the two cores
+            if who == "naive":
+                port = _free_port()
+                naive_url = f"http://127.0.0.1:{port}"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "naive", str(base), str(port), repr(conf)]
+                naive_proc = _start(cmd, env, tmp / "naive.log", naive_url)
+                results["naive"].append(asyncio.run(_load(naive_url, images, per_round, CLIENTS, TIME_LIMIT / 2)))
+                _say("naive", results["naive"][-1])
+                _stop(naive_proc)
+                naive_proc = None
+            else:
+                port = _free_port()
+                ours_url = f"http://127.0.0.1:{port}"
+                cmd = [sys.executable, "-m", "wanwu.cli", "serve", "-p", str(tmp / "params.yaml"), "--port", str(port)]
+                ours_proc = _start(cmd, env, tmp / "ours.log", ours_url)
+                results["ours"].append(
+                    asyncio.run(_load(ours_url, images, per_round, CLIENTS, TIME_LIMIT / 2, midway=switch))
+                )
+                _say("ours", results["ours"][-1])
+                deadline = time.time() + 10  # the swap lands within reload_interval
+                while time.time() < deadline:
+                    import httpx
+
+                    if httpx.get(f"{ours_url}/health").json()["model_version"] == versions[current["v"]]:
+                        break
+                    time.sleep(0.2)
+                batch["sum"] += _metric(ours_url, "wanwu_batch_size_sum")
+                batch["count"] += _metric(ours_url, "wanwu_batch_size_count")
+                _stop(ours_proc)
+                ours_proc = None
+    finally:
+        for p in (ours_proc, naive_proc):
+            if p is not None:
+                _stop(p)
+
+    def summary(runs: list[dict]) -> dict[str, float]:
+        lat = np.concatenate([r["lat"] for r in runs]) * 1000
+        ok = sum(sum(s == 200 for s in r["statuses"]) for r in runs)
+        wall = sum(r["wall"] for r in runs)
+        return {
+            "throughput": ok / wall,
+            "p50": float(np.percentile(lat, 50)),
+            "p99": float(np.percentile(lat, 99)),
+            "errors": sum(sum(s != 200 for s in r["statuses"]) for r in runs),
+            "requests": sum(len(r["statuses"]) for r in runs),
+        }
+
+    o, n = summary(results["ours"]), summary(results["naive"])
+    seen = [v for r in results["ours"] for v in r["versions"] if v]
+    switches = sum(a != b for a, b in itertools.pairwise(seen))
+    baseline = "naive FastAPI + ultralytics YOLO(onnx).predict per request, same model and machine"
+    setup = f"{CLIENTS} clients, {o['requests']}/{n['requests']} requests, 640×480 JPEG, imgsz {IMGSZ}"
+    return [
+        {
+            "name": "serve_throughput",
+            "value": round(o["throughput"], 2),
+            "unit": "req/s",
+            "baseline": baseline,
+            "baseline_value": round(n["throughput"], 2),
+            "ratio": round(o["throughput"] / n["throughput"], 2),
+            "goal": f"≥ {GOAL_RATIO:g}× ({setup})",
+        },
+        {
+            "name": "serve_p99_latency",
+            "value": round(o["p99"], 1),
+            "unit": "ms",
+            "baseline": baseline,
+            "baseline_value": round(n["p99"], 1),
+            "ratio": round(o["p99"] / n["p99"], 2),
+            "goal": "≤ 1× (equal or lower p99)",
+        },
+        {
+            "name": "serve_p50_latency",
+            "value": round(o["p50"], 1),
+            "unit": "ms",
+            "baseline": baseline,
+            "baseline_value": round(n["p50"], 1),
+            "ratio": round(o["p50"] / n["p50"], 2),
+            "goal": "lower is better",
+        },
+        {
+            "name": "serve_errors",
+            "value": o["errors"],
+            "unit": "failed requests",
+            "baseline": baseline,
+            "baseline_value": n["errors"],
+            "ratio": None,
+            "goal": f"0, across {switches} model switches in flight (champion alias moved mid-run)",
+        },
+        {
+            "name": "serve_mean_batch",
+            "value": round(batch["sum"] / max(batch["count"], 1), 2),
+            "unit": "images per onnxruntime call",
+            "baseline": "naive: 1 per call",
+            "baseline_value": 1,
+            "ratio": round(batch["sum"] / max(batch["count"], 1), 2),
+            "goal": "> 1 under concurrency (micro-batching at work)",
+        },
+    ]
+
+
+def main() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="wanwu-bench-serve-") as tmp:
+        t0 = time.time()
+        rows = bench(tmp)
+    out = ROOT / "bench" / "results" / "serve.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
+    for r in rows:
+        print(
+            f"{r['name']:<20} {r['value']!s:>8} {r['unit']:<12} baseline {r['baseline_value']!s:>8}  ratio {r['ratio']}"
+        )
+    print(f"({time.time() - t0:.0f} s) → {out}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "naive":
+        sys.path.insert(0, str(ROOT))
+        _naive_main(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    else:
+        main()

@@ -1,0 +1,276 @@
+"""An ultralytics-exported ONNX detector in onnxruntime, batched, without ultralytics at run time.
+
+The serving path must not pay ultralytics' per-call Python (predictor set-up, torch tensors, ``Results`` objects),
+so this module re-does the three steps ultralytics wraps around the graph, the same way it does them:
+
+- letterbox: scale each image to fit ``imgsz`` keeping its aspect ratio (the resize is per image, in the caller's
+  thread); the padding, BGR→RGB, HWC→CHW and the /255 are done once for the whole batch on one array. When the
+  graph has dynamic height/width the batch is padded only to the stride-aligned size its largest image needs
+  (ultralytics' "minimum rectangle"), so wide photos do not pay for a square canvas;
+- the graph: one ``InferenceSession.run`` per batch;
+- decoding: best class per anchor, confidence filter, class-aware NMS (numpy, greedy, vectorised IoU), and the
+  boxes mapped back to the original image's pixels. Graphs exported with ``nms=True`` or end-to-end heads
+  (``[B, max_det, 6]`` outputs) skip the NMS.
+
+Class names, ``imgsz`` and ``stride`` come from the metadata ultralytics writes into the ONNX file.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PAD_VALUE = 114  # ultralytics' letterbox grey
+MAX_WH = 7680  # per-class box offset for class-aware NMS (ultralytics' value)
+MAX_NMS = 30000  # candidates kept for NMS, by confidence
+
+
+class OnnxModelError(ValueError):
+    """The ONNX file cannot be used as a detector; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image after the per-image part of the letterbox: resized, not yet padded."""
+
+    image: np.ndarray  # (h', w', 3) uint8, BGR as decoded by OpenCV
+    orig_hw: tuple[int, int]
+    original: np.ndarray | None = None  # the decoded image: crops for a cascade, or a re-prepare after a swap
+    target: tuple[int, int] | None = None  # the imgsz it was resized for
+
+
+@dataclass
+class Detections:
+    """Boxes in the original image's pixels (x1, y1, x2, y2), their confidences and model class indices."""
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    classes: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def _literal(meta: dict[str, str], key: str, default: object = None) -> object:
+    if key not in meta:
+        return default
+    try:
+        return ast.literal_eval(meta[key])
+    except (ValueError, SyntaxError):
+        return meta[key]
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS: indices kept, best first. One vectorised IoU row per kept box."""
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    keep: list[int] = []
+    while order.size:
+        i = order[0]
+        keep.append(int(i))
+        rest = order[1:]
+        if not rest.size:
+            break
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = w * h
+        iou = inter / (areas[i] + areas[rest] - inter + 1e-7)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+class OnnxDetector:
+    """A YOLO detection graph exported by ultralytics, run by onnxruntime on batches of images.
+
+    ``threads`` is onnxruntime's intra-op thread count (0: one per physical core). ``spin=False`` stops idle
+    worker threads from busy-waiting, which on a small machine steals the cores the request threads decode on.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        conf: float = 0.25,
+        iou: float = 0.7,
+        max_det: int = 300,
+        imgsz: int | Sequence[int] | None = None,
+        threads: int = 0,
+        spin: bool = False,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise OnnxModelError(f"{self.path}: ONNX file not found.")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=list(providers))
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise OnnxModelError(f"{self.path}: onnxruntime cannot load it ({e}). Re-export the model.") from e
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = dict(meta)
+        task = meta.get("task", "detect")
+        if task != "detect":
+            raise OnnxModelError(f"{self.path}: task is {task!r}; the server runs detection models only.")
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        shape = list(inp.shape)
+        if len(shape) != 4:
+            raise OnnxModelError(f"{self.path}: input {inp.name} has shape {shape}, expected [batch, 3, h, w].")
+        self.dynamic_batch = not isinstance(shape[0], int)
+        self.dynamic_hw = not (isinstance(shape[2], int) and isinstance(shape[3], int))
+        self.stride = int(_literal(meta, "stride", 32) or 32)
+        if imgsz is None:
+            imgsz = _literal(meta, "imgsz", None)
+            if imgsz is None and not self.dynamic_hw:
+                imgsz = (shape[2], shape[3])
+            if imgsz is None:
+                imgsz = 640
+        if isinstance(imgsz, int):
+            imgsz = (imgsz, imgsz)
+        self.imgsz = (int(imgsz[0]), int(imgsz[1]))
+        if not self.dynamic_hw and self.imgsz != (shape[2], shape[3]):
+            self.imgsz = (int(shape[2]), int(shape[3]))  # a static graph decides
+        out = self.session.get_outputs()[0]
+        args = _literal(meta, "args", {}) or {}
+        self.end2end = bool(_literal(meta, "end2end", False)) or bool(isinstance(args, dict) and args.get("nms"))
+        names = _literal(meta, "names", None)
+        if not isinstance(names, dict):
+            n_out = out.shape[1] if len(out.shape) == 3 and isinstance(out.shape[1], int) else None
+            if n_out is None or self.end2end:
+                raise OnnxModelError(f"{self.path}: no class names in the ONNX metadata; export it with ultralytics.")
+            names = {i: str(i) for i in range(n_out - 4)}
+        self.names: dict[int, str] = {int(k): str(v) for k, v in names.items()}
+        self.conf = float(conf)
+        self.iou = float(iou)
+        self.max_det = int(max_det)
+
+    # ---- preprocessing ---------------------------------------------------------------------------------
+    def prepare(self, image: np.ndarray) -> Prepared:
+        """The per-image half of the letterbox: resize to fit ``imgsz`` (aspect kept). BGR uint8 in."""
+        import cv2
+
+        if image.ndim == 2:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        h, w = image.shape[:2]
+        r = min(self.imgsz[0] / h, self.imgsz[1] / w)
+        nw, nh = max(round(w * r), 1), max(round(h * r), 1)
+        resized = image if (nw, nh) == (w, h) else cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        return Prepared(np.ascontiguousarray(resized), (h, w), image, self.imgsz)
+
+    def _canvas_hw(self, items: Sequence[Prepared]) -> tuple[int, int]:
+        if not self.dynamic_hw:
+            return self.imgsz
+        s = self.stride
+        hmax = max(p.image.shape[0] for p in items)
+        wmax = max(p.image.shape[1] for p in items)
+        return math.ceil(hmax / s) * s, math.ceil(wmax / s) * s
+
+    def to_batch(self, items: Sequence[Prepared]) -> tuple[np.ndarray, np.ndarray]:
+        """Pad a batch onto one canvas and normalise it in one step: (B,3,H,W) float32, per-image (left, top)."""
+        hc, wc = self._canvas_hw(items)
+        canvas = np.full((len(items), hc, wc, 3), PAD_VALUE, dtype=np.uint8)
+        pads = np.zeros((len(items), 2), dtype=np.float32)
+        for k, p in enumerate(items):
+            h, w = p.image.shape[:2]
+            top, left = (hc - h) // 2, (wc - w) // 2
+            canvas[k, top : top + h, left : left + w] = p.image
+            pads[k] = (left, top)
+        x = np.empty((len(items), 3, hc, wc), dtype=np.float32)
+        # BGR→RGB, HWC→CHW and /255 for the whole batch in one ufunc call
+        np.multiply(canvas[..., ::-1].transpose(0, 3, 1, 2), np.float32(1 / 255), out=x, casting="unsafe")
+        return x, pads
+
+    # ---- inference -------------------------------------------------------------------------------------
+    def run(self, items: Sequence[Prepared]) -> list[Detections]:
+        """Detect on a batch of prepared images; one ``session.run`` when the graph has a dynamic batch."""
+        if not items:
+            return []
+        # prepared for another model's size (a hot swap between decode and batch): resize again
+        items = [p if p.target == self.imgsz or p.original is None else self.prepare(p.original) for p in items]
+        x, pads = self.to_batch(items)
+        if self.dynamic_batch:
+            out = self.session.run(None, {self.input_name: x})[0]
+        else:
+            out = np.concatenate([self.session.run(None, {self.input_name: x[k : k + 1]})[0] for k in range(len(x))])
+        return self.postprocess(out, items, pads)
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        """Convenience: BGR uint8 images in, detections in original pixels out."""
+        return self.run([self.prepare(im) for im in images])
+
+    def warmup(self) -> None:
+        """One run at full size so the first request does not pay for onnxruntime's lazy set-up."""
+        h, w = self.imgsz
+        self.run([Prepared(np.full((h, w, 3), PAD_VALUE, np.uint8), (h, w), None, self.imgsz)])
+
+    # ---- postprocessing --------------------------------------------------------------------------------
+    def postprocess(self, out: np.ndarray, items: Sequence[Prepared], pads: np.ndarray) -> list[Detections]:
+        if self.end2end or (out.ndim == 3 and out.shape[-1] == 6 and out.shape[1] != 4 + len(self.names)):
+            return self._post_end2end(out, items, pads)
+        nc = out.shape[1] - 4
+        pred = out.transpose(0, 2, 1)  # (B, anchors, 4+nc)
+        cls_scores = pred[..., 4 : 4 + nc]
+        best = cls_scores.argmax(-1)  # (B, anchors), whole batch at once
+        conf = np.take_along_axis(cls_scores, best[..., None], -1)[..., 0]
+        keep_mask = conf > self.conf
+        results = []
+        for k, p in enumerate(items):
+            idx = np.flatnonzero(keep_mask[k])
+            if not idx.size:
+                results.append(Detections())
+                continue
+            scores = conf[k, idx]
+            if idx.size > MAX_NMS:
+                top = np.argsort(-scores)[:MAX_NMS]
+                idx, scores = idx[top], scores[top]
+            xywh = pred[k, idx, :4]
+            boxes = np.empty_like(xywh)
+            boxes[:, :2] = xywh[:, :2] - xywh[:, 2:] / 2
+            boxes[:, 2:] = xywh[:, :2] + xywh[:, 2:] / 2
+            classes = best[k, idx]
+            kept = nms(boxes + (classes * MAX_WH)[:, None].astype(boxes.dtype), scores, self.iou)[: self.max_det]
+            results.append(self._unletterbox(boxes[kept], scores[kept], classes[kept], p, pads[k]))
+        return results
+
+    def _post_end2end(self, out: np.ndarray, items: Sequence[Prepared], pads: np.ndarray) -> list[Detections]:
+        results = []
+        for k, p in enumerate(items):
+            det = out[k]
+            det = det[det[:, 4] > self.conf][: self.max_det]
+            results.append(self._unletterbox(det[:, :4].copy(), det[:, 4], det[:, 5].astype(np.int64), p, pads[k]))
+        return results
+
+    @staticmethod
+    def _unletterbox(
+        boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, p: Prepared, pad: np.ndarray
+    ) -> Detections:
+        h0, w0 = p.orig_hw
+        h1, w1 = p.image.shape[:2]
+        gain = np.array([w1 / w0, h1 / h0, w1 / w0, h1 / h0], dtype=np.float32)
+        boxes = (boxes - np.concatenate([pad, pad])) / gain
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w0)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h0)
+        return Detections(boxes.astype(np.float32), scores.astype(np.float32), classes.astype(np.int64))
+
+
+def find_onnx(folder: str | Path) -> Path:
+    """The detector file in a downloaded model folder: ``model.onnx`` nearest the top, else the only ``.onnx``."""
+    folder = Path(folder)
+    if folder.is_file() and folder.suffix == ".onnx":
+        return folder
+    found = sorted(folder.rglob("*.onnx"), key=lambda p: (len(p.relative_to(folder).parts), p.name != "model.onnx"))
+    if not found:
+        raise OnnxModelError(f"{folder}: no .onnx file in the model's artifacts. Log the model with mlflow.onnx.")
+    return found[0]
