@@ -419,3 +419,21 @@ def test_stage_summary_names_outputs_and_reasons(collected, capsys):
     collect.print_summary(collected["result"])
     out = capsys.readouterr().out
     assert "manifest.parquet" in out and "unsafe_path 5" in out and "bomb 2" in out
+
+
+def test_not_an_image_stays_not_image_after_ultralytics_patched_pillow(tmp_path):
+    """ultralytics replaces PIL.Image.open process-wide; in the pipeline process collect must still say not_image."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"this is text, not a picture")
+    code = (
+        "import ultralytics, sys; from wanwu import images\n"
+        "try:\n"
+        f"    images.decode(open(r'{bad}','rb').read(), max_pixels=10**8, min_side=8)\n"
+        "except images.ImageReject as e:\n"
+        "    print(e.reason)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "not_image"

@@ -14,10 +14,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -158,6 +161,18 @@ def _quiet_pillow_bomb_warning() -> None:
         _warning_filtered = True
 
 
+def pil_open() -> Callable[..., Any]:
+    """Pillow's own ``Image.open``. ultralytics replaces it process-wide with a wrapper that, on a file Pillow cannot
+    identify, tries to install and import pi-heif (ModuleNotFoundError offline) instead of raising
+    UnidentifiedImageError: a file that is not an image must be rejected as not_image, not as corrupt."""
+    if Image.open.__module__ != "PIL.Image":
+        patches = sys.modules.get("ultralytics.utils.patches")
+        original = getattr(patches, "_image_open", None)
+        if original is not None and original.__module__ == "PIL.Image":
+            return original
+    return Image.open
+
+
 def decode(data: bytes, *, max_pixels: int, min_side: int, max_bytes: int | None = None) -> Normalized:
     """Bytes of any image file → a checked, oriented RGB picture, or ImageReject saying why not."""
     n = len(data)
@@ -167,7 +182,7 @@ def decode(data: bytes, *, max_pixels: int, min_side: int, max_bytes: int | None
         raise ImageReject(TOO_LARGE, f"{n} bytes > max_bytes {max_bytes}")
     _quiet_pillow_bomb_warning()
     try:
-        img = Image.open(io.BytesIO(data))
+        img = pil_open()(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise ImageReject(BOMB, f"Pillow refused it: {e}") from None
     except UnidentifiedImageError:

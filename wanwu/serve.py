@@ -47,6 +47,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from wanwu.config import ServeParams
+from wanwu.images import pil_open
 from wanwu.onnx_model import Detections, OnnxDetector, Prepared, find_onnx
 from wanwu.ontology import OTHER_EN, OTHER_ID, OTHER_ZH, Ontology
 
@@ -850,7 +851,7 @@ class Server:
 
         p = self.params
         label = label or field_name
-        open_image = _pil_open()
+        open_image = pil_open()
         try:
             with open_image(io.BytesIO(data)) as im:  # reads the header only
                 w, h = im.size
@@ -945,22 +946,6 @@ class Server:
 
 
 # ---- the app -------------------------------------------------------------------------------------------------
-def _pil_open() -> Callable[..., Any]:
-    """Pillow's own ``Image.open``. ultralytics replaces it process-wide with a wrapper that, on a file Pillow cannot
-    identify, tries to install and import pi-heif (ModuleNotFoundError offline) instead of raising
-    UnidentifiedImageError: an undecodable upload must stay a 422, not become a 500."""
-    import sys
-
-    from PIL import Image
-
-    if Image.open.__module__ != "PIL.Image":
-        patches = sys.modules.get("ultralytics.utils.patches")
-        original = getattr(patches, "_image_open", None)
-        if original is not None and original.__module__ == "PIL.Image":
-            return original
-    return Image.open
-
-
 def _media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
 
