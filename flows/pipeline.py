@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.dispatch import run_stage, runs_remotely
 from wanwu.config import STAGES, load_params
 
 
@@ -53,16 +54,37 @@ def pipeline(
                     logger.warning("stage %s is not built yet: the run stops before it", stage)
                     break
                 started = time.perf_counter()
-                task = getattr(module, f"{stage}_task")
-                results[stage] = task(getattr(params, stage), params.project)
+                if runs_remotely(stage, params.orchestration):  # a deployment on the gpu pool
+                    results[stage] = run_stage(stage, params, params_path=params_path, overrides=overrides)
+                else:
+                    task = getattr(module, f"{stage}_task")
+                    results[stage] = task(getattr(params, stage), params.project)
                 timings[stage] = time.perf_counter() - started
                 mlflow.log_metric(f"seconds_{stage}", timings[stage])
                 if hasattr(module, "print_summary"):
                     module.print_summary(results[stage])
         finally:
             os.environ.pop(tracking.PARENT_ENV, None)
+            # The report is written whatever happened: a refused promotion is exactly what a user wants to read.
+            report = _report(params.project.data_dir, root, timings, parent.info.run_id)
     _print_timings(timings, params.project.data_dir, tracking.setup(root))
+    if report is not None:
+        print(f"run report: {report}")
     return results
+
+
+def _report(data_dir: Path, root: Path, timings: dict[str, float], run_id: str) -> Path | None:
+    import mlflow
+
+    from wanwu import run_report
+
+    try:
+        page = run_report.write(data_dir, root, timings, run_id)
+    except Exception as e:  # never hide the stage's own error behind a report error
+        get_run_logger().warning("run report not written: %s", e)
+        return None
+    mlflow.log_artifacts(str(page.parent), artifact_path="report")
+    return page
 
 
 def _print_timings(timings: dict[str, float], data_dir: Path, uri: str) -> None:
