@@ -92,16 +92,23 @@ class _UltralyticsArgs(_Section):
     ``None`` leaves ultralytics' default; ``seed: null`` takes ``project.seed``; the device is ``project.device``.
     """
 
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(7, ge=1)
     time: float | None = Field(None, gt=0, description="hard budget in hours: ultralytics fits the epochs into it")
     imgsz: int = Field(256, ge=32)
-    batch: int | float = 16
+    batch: int | float = 8
     seed: int | None = None
     deterministic: bool = True
     cache: bool | Literal["ram", "disk"] = "ram"
     workers: int = Field(0, ge=0, description="dataloader processes; ultralytics forces 0 on the CPU anyway")
-    optimizer: str = "auto"
-    lr0: float | None = Field(None, gt=0, description="ignored by optimizer auto, which picks its own")
+    optimizer: str = "AdamW"
+    lr0: float | None = Field(0.002, gt=0, description="ignored by optimizer auto, which picks its own")
+    nbs: int | None = Field(
+        8,
+        ge=1,
+        description="nominal batch: gradients accumulate up to it. ultralytics' 64 leaves a few hundred images a "
+        "handful of optimizer steps per epoch; the CPU profile steps every batch",
+    )
+    warmup_epochs: float | None = Field(1.0, ge=0)
     patience: int = Field(100, ge=0)
     close_mosaic: int = Field(2, ge=0)
     mosaic: float = Field(1.0, ge=0, le=1)
@@ -142,6 +149,11 @@ class DistillParams(_UltralyticsArgs):
     )
     teacher_epochs: int = Field(10, ge=1, description="feature/both: epochs for the larger detector when trained here")
     dis: float = Field(6.0, ge=0, description="feature/both: ultralytics' feature-distillation loss weight")
+    # a fine-tune of the baseline: fewer epochs, a gentler start
+    epochs: int = Field(4, ge=1)
+    lr0: float | None = Field(0.001, gt=0)
+    warmup_epochs: float | None = Field(0.5, ge=0)
+    close_mosaic: int = Field(1, ge=0)
 
 
 class QualityParams(_Section):
@@ -165,6 +177,9 @@ class QualityParams(_Section):
     topk_sum_tolerance: float = Field(1e-3, ge=0, description="a box's top-k probabilities may sum to 1 + this")
     min_boxes_per_image: int = Field(0, ge=0)
     max_boxes_per_image: int = Field(100, ge=1)
+    max_background_share: float = Field(
+        0.3, ge=0, le=1, description="share of dataset images without any box (auto-labeled ones: a proposer miss)"
+    )
     min_image_side: int = Field(32, ge=1, description="pixels, either side")
     max_image_side: int = Field(8192, ge=1, description="pixels, either side")
     min_classes: int = Field(1, ge=0, description="ontology classes with at least one box in the dataset")
@@ -344,11 +359,14 @@ class PromoteParams(_Section):
 
 class ProposerTrainParams(_UltralyticsArgs):
     """The proposer trained here when there is no detector to start from (``autolabel.proposer`` auto or a yaml):
-    generic-corpus boxes (class 物体) plus the human seed (ontology classes), ultralytics' own argument names."""
+    generic-corpus boxes (class 物体) plus the human seed (ontology classes), ultralytics' own argument names.
+    Sized for minutes on a CPU (every batch an optimizer step, no warm-up: ultralytics' warm-up lasts at least
+    100 iterations, a third of this run)."""
 
     model: str = Field("yolo11n.yaml", description="the architecture to train when autolabel.proposer is auto")
-    epochs: int = Field(6, ge=1)
+    epochs: int = Field(8, ge=1)
     imgsz: int = Field(256, ge=32)
+    warmup_epochs: float | None = Field(0.0, ge=0)
     close_mosaic: int = Field(1, ge=0)
     generic_train: int | None = Field(200, ge=0, description="generic-corpus training images used (null: all)")
     generic_val: int = Field(40, ge=0, description="generic-corpus validation images")
@@ -356,20 +374,27 @@ class ProposerTrainParams(_UltralyticsArgs):
 
 
 class ExpertTrainParams(_UltralyticsArgs):
-    """The sample world's default teacher: one ultralytics classifier per catalogue domain (plus ``other``)."""
+    """The sample world's default teacher: one ultralytics classifier per catalogue domain (plus ``other``),
+    its backbone started from the proposer's (pretrained on the generic corpus)."""
 
     model: str = Field("yolo11n-cls.yaml", description="classifier architecture (yaml) or checkpoint")
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(12, ge=1)
     imgsz: int = Field(32, ge=16)
-    batch: int | float = 32
+    batch: int | float = 16
+    nbs: int | None = Field(16, ge=1)
+    warmup_epochs: float | None = Field(0.0, ge=0)
     close_mosaic: int = 0
     mosaic: float = 0.0
-    optimizer: str = "AdamW"
-    lr0: float | None = Field(0.002, gt=0)
+    erasing: float = Field(0.0, ge=0, le=1, description="random erasing (ultralytics: 0.4)")
+    auto_augment: str | None = Field(None, description="randaugment / autoaugment / augmix (ultralytics: randaugment)")
     init_from_proposer: bool = Field(True, description="start each expert's backbone from the proposer's weights")
-    other_from_domains: int = Field(40, ge=0, description="per other domain: catalogue images an expert sees as other")
-    generic_other: int = Field(160, ge=0, description="generic-corpus object crops every expert sees as other")
-    single_baseline: bool = Field(True, description="also train one all-domain classifier (the fusion table's baseline)")
+    other_from_domains: int = Field(10, ge=0, description="per other domain: catalogue images an expert sees as other")
+    generic_other: int = Field(40, ge=0, description="generic-corpus object crops every expert sees as other")
+    single_baseline: bool = Field(True, description="also train one all-domain classifier (fusion table baseline)")
+
+    def ultralytics_args(self, project_seed: int = 0) -> dict[str, Any]:
+        own = {"erasing": self.erasing, "auto_augment": self.auto_augment}
+        return {**super().ultralytics_args(project_seed), **own, **self.extra}
 
 
 class TeacherSpec(_Section):
@@ -423,7 +448,7 @@ class AutolabelParams(_Section):
     review_max_tasks: int = Field(300, ge=0, description="images in the Label Studio queue, most uncertain first")
     review_image_root: str = Field("/data/local-files/?d=", description="prefix of data/-relative image paths")
     review_imports: list[str] = Field(
-        default_factory=list, description="Label Studio JSON exports (files or globs) whose answers win over auto labels"
+        default_factory=list, description="Label Studio JSON exports (files or globs): their answers beat auto labels"
     )
     splits: list[Literal["pool", "gold", "seed"]] = Field(
         default_factory=lambda: ["pool", "gold"], description="manifest splits to label"
@@ -431,11 +456,15 @@ class AutolabelParams(_Section):
     shard_size: int = Field(64, ge=1, description="images per shard (one Parquet part, one Prefect task)")
     proposer_batch: int = Field(16, ge=1, description="images per proposer forward pass")
     crop_batch: int = Field(256, ge=1, description="crops per teacher forward pass (experts)")
-    runner: Literal["threads", "dask", "local"] = Field(
-        "threads", description="shard fan-out: Prefect on threads, Prefect on Dask (prefect-dask), or a plain loop"
+    runner: Literal["threads", "dask", "local"] | None = Field(
+        None,
+        description="shard fan-out: Prefect tasks on threads, Prefect tasks on Dask (prefect-dask), or a plain loop; "
+        "null: orchestration.task_runner (threads by default)",
     )
     workers: int = Field(2, ge=1, description="threads, or local Dask workers")
-    dask_address: str | None = Field(None, description="tcp://scheduler:8786; empty: a temporary local cluster")
+    dask_address: str | None = Field(
+        None, description="tcp://scheduler:8786; null: orchestration.dask_address, else a temporary local cluster"
+    )
     match_iou: float = Field(0.5, gt=0, le=1, description="IoU for precision/recall against the truth")
 
 
