@@ -1,14 +1,39 @@
 """ultralytics training, shared by the proposer (autolabel), the train stage and the distill stage.
 
-Arguments use ultralytics' own names and pass straight through; this module only fixes where outputs go and
-which device is used.
+Arguments use ultralytics' own names and pass straight through; this module only fixes where outputs go, which
+device is used, and three things a pipeline needs that a bare ``model.train`` does not give:
+
+- **resume after a kill**: a run that left ``out_dir/run/weights/last.pt`` behind unfinished, with the same
+  arguments, continues from it (ultralytics ``resume``); a run with other arguments, or a finished one, starts
+  clean, so a stale checkpoint never leaks into a new configuration;
+- **progress** on the terminal (ultralytics' own bars are silent under ``YOLO_VERBOSE=false``);
+- **MLflow**: ultralytics' own callback logs parameters, per-epoch metrics and the weights into the active run;
+  when it is off (its setting, or under pytest) :func:`fit` logs the same things itself.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+DONE_MARKER = "wanwu_done.json"
+ARGS_STAMP = "wanwu_args.json"
+# Arguments that decide where a run writes or how it is shown: they do not make a checkpoint a different run.
+_NOT_IN_FINGERPRINT = {"workers", "verbose", "plots", "exist_ok", "project", "name", "save_dir", "cache", "device"}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or did not produce weights; the message names the file or key and the fix."""
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -18,6 +43,349 @@ def resolve_device(device: str = "auto") -> str:
     import torch
 
     return "0" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_start_model(model: str, fallback: str | None, root: str | Path) -> str:
+    """A checkpoint path relative to ``root`` (made absolute), a model yaml by name, or ``fallback`` when missing.
+
+    ``yolo11n.yaml`` and friends are found by ultralytics itself; a ``.pt`` that does not exist cannot be fetched
+    offline, so it falls back (a yaml: training from scratch) with a warning rather than failing the run.
+    """
+    path = Path(model)
+    if not path.is_absolute():
+        path = Path(root) / path
+    if path.exists():
+        return str(path.resolve())
+    if model.endswith((".yaml", ".yml")):
+        return model
+    if fallback:
+        log.warning("start model %s does not exist: using %s instead", path, fallback)
+        return resolve_start_model(fallback, None, root)
+    raise TrainingError(
+        f"start model {path} does not exist and there is no fallback. Run the stage that writes it, or set a "
+        "model yaml such as yolo11n.yaml (from scratch) in params.yaml."
+    )
+
+
+def check_args(args: dict[str, Any]) -> None:
+    """Every key must be an ultralytics argument: a typo fails before a long run, not after it."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    unknown = sorted(set(args) - set(DEFAULT_CFG_DICT))
+    if unknown:
+        raise TrainingError(
+            f"unknown ultralytics argument(s) {unknown}. Keys under train:/distill: (and their extra:) use "
+            "ultralytics' own names; see ultralytics/cfg/default.yaml for the list."
+        )
+
+
+@dataclass
+class FitResult:
+    """What one training run left behind."""
+
+    best: Path
+    last: Path
+    run_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)  # final validation of best.pt (ultralytics' keys)
+    epochs: int = 0  # epochs completed in total (including those before a resume)
+    start_epoch: int = 0  # > 0 when the run resumed
+    seconds: float = 0.0
+    resumed: bool = False
+
+
+def _fingerprint(args: dict[str, Any], trainer_tag: str) -> str:
+    """Arguments that define the run, plus the bytes of the data yaml and the start model (when files)."""
+    core = {k: v for k, v in sorted(args.items()) if k not in _NOT_IN_FINGERPRINT}
+    h = hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode())
+    h.update(trainer_tag.encode())
+    for key in ("data", "model"):
+        p = Path(str(args.get(key, "")))
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _unfinished_epoch(last: Path) -> int | None:
+    """The last saved epoch (0-based) of an unfinished run, or None when ``last`` is not resumable.
+
+    ultralytics strips the optimizer and sets epoch -1 in last.pt once a run ends; before that it is resumable.
+    """
+    if not last.is_file():
+        return None
+    import torch
+
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    except Exception:  # a checkpoint cut short by the kill: not resumable
+        return None
+    epoch = ckpt.get("epoch", -1)
+    return int(epoch) if epoch >= 0 and ckpt.get("optimizer") is not None else None
+
+
+def _trim_results(csv: Path, epochs_kept: int) -> None:
+    """Drop results.csv rows of epochs after the checkpoint (a kill between the csv row and last.pt)."""
+    if not csv.is_file():
+        return
+    lines = csv.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.strip() and float(ln.split(",", 1)[0]) <= epochs_kept]
+    if len(keep) != len(lines):
+        csv.write_text("".join(keep))
+
+
+def _progress_callbacks(label: str) -> dict[str, Callable]:
+    """One bar over all batches of all epochs, with the epoch, the running loss and the last mAP50."""
+    from tqdm.auto import tqdm
+
+    state: dict[str, Any] = {}
+
+    def start(trainer: Any) -> None:
+        nb = len(trainer.train_loader)
+        state["bar"] = tqdm(
+            total=nb * trainer.epochs,
+            initial=nb * trainer.start_epoch,
+            desc=label,
+            unit="batch",
+            disable=None,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+        state["map"] = None
+
+    def batch_end(trainer: Any) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            return
+        if bar.total != len(trainer.train_loader) * trainer.epochs:  # `time` re-estimates the epochs
+            bar.total = len(trainer.train_loader) * trainer.epochs
+        bar.update(1)
+        loss = float(trainer.loss.detach()) / max(int(trainer.batch_size), 1) if trainer.loss is not None else 0.0
+        post = {"epoch": f"{trainer.epoch + 1}/{trainer.epochs}", "loss": f"{loss:.3g}"}
+        if state["map"] is not None:
+            post["mAP50"] = f"{state['map']:.3f}"
+        bar.set_postfix(post, refresh=False)
+
+    def epoch_end(trainer: Any) -> None:
+        m = trainer.metrics or {}
+        state["map"] = m.get("metrics/mAP50(B)")
+        bar = state.get("bar")
+        if bar is not None and bar.disable and trainer.epoch < trainer.epochs:  # no terminal: one line per epoch
+            print(
+                f"{label}: epoch {trainer.epoch + 1}/{trainer.epochs}  mAP50 {m.get('metrics/mAP50(B)', 0.0):.4f}  "
+                f"mAP50-95 {m.get('metrics/mAP50-95(B)', 0.0):.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        log.info(
+            "%s epoch %d/%d: mAP50 %.4f mAP50-95 %.4f",
+            label,
+            trainer.epoch + 1,
+            trainer.epochs,
+            m.get("metrics/mAP50(B)", 0.0),
+            m.get("metrics/mAP50-95(B)", 0.0),
+        )
+
+    def end(trainer: Any) -> None:
+        bar = state.pop("bar", None)
+        if bar is not None:
+            bar.close()
+
+    return {
+        "on_train_start": start,
+        "on_train_batch_end": batch_end,
+        "on_fit_epoch_end": epoch_end,
+        "on_train_end": end,
+        "teardown": end,
+    }
+
+
+def _mlflow_fallback_callbacks() -> dict[str, Callable]:
+    """Log what ultralytics' MLflow callback would, into the active run, when that callback is not active."""
+
+    def mine(trainer: Any) -> bool:
+        import mlflow
+
+        return mlflow.active_run() is not None and not getattr(trainer, "_mlflow_active", False)
+
+    def clean(d: dict) -> dict:
+        return {k.replace("(", "").replace(")", ""): float(v) for k, v in d.items()}
+
+    def params(trainer: Any) -> None:
+        if mine(trainer):
+            import mlflow
+
+            trainer._wanwu_mlflow = True
+            current = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+            new = {k: str(v)[:500] for k, v in vars(trainer.args).items() if k not in current}
+            mlflow.log_params(new)
+
+    def train_epoch(trainer: Any) -> None:
+        if getattr(trainer, "_wanwu_mlflow", False):
+            import mlflow
+
+            mlflow.log_metrics(
+                {**clean(trainer.lr), **clean(trainer.label_loss_items(trainer.tloss, prefix="train"))},
+                step=trainer.epoch,
+            )
+
+    def fit_epoch(trainer: Any) -> None:
+        if getattr(trainer, "_wanwu_mlflow", False):
+            import mlflow
+
+            mlflow.log_metrics(clean(trainer.metrics), step=trainer.epoch)
+
+    def end(trainer: Any) -> None:
+        if getattr(trainer, "_wanwu_mlflow", False):
+            import mlflow
+
+            mlflow.log_artifact(str(trainer.best.parent))  # weights/ with best.pt and last.pt, as ultralytics does
+            trainer._wanwu_mlflow = False
+
+    return {
+        "on_pretrain_routine_end": params,
+        "on_train_epoch_end": train_epoch,
+        "on_fit_epoch_end": fit_epoch,
+        "on_train_end": end,
+    }
+
+
+MLFLOW_RUN_FILE = "wanwu_mlflow_run.json"
+
+
+def mlflow_run_link_callbacks(run_id: str) -> dict[str, Callable]:
+    """Link a resumed run to the MLflow run of the killed one (tagged KILLED), and remember this run's id."""
+
+    def start(trainer: Any) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        record = Path(trainer.save_dir) / MLFLOW_RUN_FILE
+        if trainer.resume and record.is_file():
+            previous = json.loads(record.read_text()).get("run_id")
+            if previous and previous != run_id:
+                client = MlflowClient()
+                try:
+                    if client.get_run(previous).info.status == "RUNNING":
+                        client.set_terminated(previous, status="KILLED")
+                    mlflow.set_tag("wanwu.resumed_from_run", previous)
+                except Exception as e:  # another store, or the run was deleted: resuming matters more
+                    log.warning("could not link the resumed run to MLflow run %s: %s", previous, e)
+        record.write_text(json.dumps({"run_id": run_id}))
+
+    return {"on_train_start": start}
+
+
+def enable_ultralytics_mlflow(enabled: bool = True) -> None:
+    """Turn ultralytics' own MLflow callback on (its settings file lives in the project's state folder)."""
+    from ultralytics import settings
+
+    if settings.get("mlflow") != enabled:
+        settings.update(mlflow=enabled)
+
+
+def fit(
+    data_yaml: str | Path,
+    out_dir: str | Path,
+    model: str | Path = "yolo11n.yaml",
+    device: str = "auto",
+    *,
+    trainer_factory: Callable[..., Any] | None = None,
+    auto_resume: bool = True,
+    progress: str | None = "train",
+    mlflow_fallback: bool = True,
+    callbacks: dict[str, Callable] | None = None,
+    **ultralytics_args: Any,
+) -> FitResult:
+    """Train a detector on ``data_yaml`` into ``out_dir/run`` and copy the best weights to ``out_dir/best.pt``.
+
+    ``trainer_factory(overrides=..., _callbacks=...)`` builds the ultralytics trainer (default: its
+    ``DetectionTrainer``; the distill stage passes its soft-label trainer). ``callbacks`` are extra ultralytics
+    callbacks by event name.
+    """
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils import callbacks as ul_callbacks
+
+    from wanwu.checkpoints import check_model_source
+
+    model = check_model_source(model, "model")  # a wrong file fails here with its name, not deep in ultralytics
+    out_dir = Path(out_dir).resolve()
+    run_dir = out_dir / "run"
+    last = run_dir / "weights" / "last.pt"
+    args: dict[str, Any] = {"workers": 0, "plots": False, "verbose": False, "exist_ok": True, **ultralytics_args}
+    args.update(
+        data=str(data_yaml),
+        model=str(model),
+        device=resolve_device(device),
+        project=str(out_dir),
+        name="run",
+    )
+    check_args(args)
+    factory = trainer_factory or DetectionTrainer
+    tag = getattr(factory, "fingerprint_tag", None) or getattr(factory, "__qualname__", type(factory).__name__)
+    fingerprint = _fingerprint(args, str(tag))
+
+    stamp = run_dir / ARGS_STAMP
+    same = stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint
+    saved_epoch = _unfinished_epoch(last) if auto_resume and same and not (run_dir / DONE_MARKER).exists() else None
+    resume = saved_epoch is not None
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # another configuration, or a finished run: start clean
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        stamp.write_text(json.dumps({"fingerprint": fingerprint, "args": args}, default=str, indent=1))
+
+    overrides = dict(args)
+    if resume:
+        log.info("resuming the unfinished run in %s after epoch %d", run_dir, saved_epoch + 1)
+        _trim_results(run_dir / "results.csv", saved_epoch + 1)
+        # ultralytics takes the run's own arguments from last.pt; these may change on resume (paths, device, …)
+        overrides = {k: args[k] for k in ("data", "device", "workers", "cache", "plots") if k in args}
+        overrides.update(resume=str(last), model=str(last), save_dir=str(run_dir))
+
+    cbs = ul_callbacks.get_default_callbacks()
+    trainer = factory(overrides=overrides, _callbacks=cbs)
+    extra: list[dict[str, Callable]] = []
+    if mlflow_fallback:
+        extra.append(_mlflow_fallback_callbacks())
+    if progress:
+        extra.append(_progress_callbacks(progress))
+    if callbacks:
+        extra.append(callbacks)
+    for group in extra:
+        for event, fn in group.items():
+            trainer.add_callback(event, fn)
+
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+
+    best = Path(trainer.best)
+    if not best.is_file():
+        best = Path(trainer.last)
+    if not best.is_file():
+        raise TrainingError(f"training in {run_dir} ended without weights (no best.pt or last.pt). See the log above.")
+    target = out_dir / "best.pt"
+    shutil.copyfile(best, target)
+    metrics = {k: float(v) for k, v in (getattr(trainer, "metrics", None) or {}).items() if _is_number(v)}
+    (run_dir / DONE_MARKER).write_text(json.dumps({"seconds": seconds, "metrics": metrics}, indent=1))
+    return FitResult(
+        best=target,
+        last=Path(trainer.last),
+        run_dir=run_dir,
+        metrics=metrics,
+        epochs=int(trainer.epoch) + 1,
+        start_epoch=int(trainer.start_epoch),
+        seconds=seconds,
+        resumed=resume,
+    )
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def train_detector(
@@ -30,18 +398,7 @@ def train_detector(
     """Train an ultralytics detector on ``data_yaml``; return ``out_dir/best.pt``.
 
     ``model`` is a yaml (from scratch) or a checkpoint (fine-tune). Runs go to ``out_dir/run`` and the best
-    weights are copied to ``out_dir/best.pt`` so later stages find them in one place.
+    weights are copied to ``out_dir/best.pt`` so later stages find them in one place. A killed run resumes when
+    called again with the same arguments (see :func:`fit`, which also returns the metrics).
     """
-    from ultralytics import YOLO
-
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    args = {"workers": 0, "plots": False, "verbose": False, "exist_ok": True, **ultralytics_args}
-    yolo = YOLO(str(model))
-    yolo.train(data=str(data_yaml), project=str(out_dir), name="run", device=resolve_device(device), **args)
-    best = Path(yolo.trainer.best)
-    if not best.is_file():
-        best = Path(yolo.trainer.last)
-    target = out_dir / "best.pt"
-    shutil.copyfile(best, target)
-    return target
+    return fit(data_yaml, out_dir, model=model, device=device, **ultralytics_args).best

@@ -1,0 +1,139 @@
+"""Overhead of the train stage (MLflow run, resume check, progress, metrics.json) over ultralytics called directly.
+
+Both arms train YOLO11n from yaml with the same arguments on the same small dataset, in the same process,
+interleaved (A B B A A B) so slow drift of a shared machine hits both; ultralytics' own MLflow callback is on in
+both (the same settings), each run into its own SQLite store, created before the clock starts. The figure is the
+best (minimum) wall time of each arm: on a machine shared with other work, interference only ever adds time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import yaml
+
+EPOCHS = 4
+IMGSZ = 160
+N_TRAIN = 160
+
+
+def _params():
+    """The stage's own params (CPU profile defaults, smaller sizes); the direct arm gets the same arguments."""
+    from wanwu.config import TrainParams
+
+    return TrainParams(model="yolo11n.yaml", epochs=EPOCHS, imgsz=IMGSZ, batch=16, seed=0, cache="ram")
+
+
+def _dataset(root: Path, n_train: int = N_TRAIN, n_val: int = 32, size: int = IMGSZ) -> Path:
+    """Coloured rectangles and ellipses on light backgrounds, 3 classes (ontology ids 0..2, Chinese names)."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    colours = [(220, 30, 30), (30, 60, 220), (20, 160, 40)]
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = Image.new("RGB", (size, size), tuple(rng.randint(190, 255) for _ in range(3)))
+            draw = ImageDraw.Draw(img)
+            lines = []
+            for _ in range(rng.randint(1, 4)):
+                c = rng.randrange(3)
+                w, h = rng.randint(14, 48), rng.randint(14, 48)
+                x, y = rng.randint(0, size - w), rng.randint(0, size - h)
+                (draw.rectangle if c != 1 else draw.ellipse)((x, y, x + w, y + h), fill=colours[c])
+                lines.append(f"{c} {(x + w / 2) / size:.5f} {(y + h / 2) / size:.5f} {w / size:.5f} {h / size:.5f}")
+            img.save(root / "images" / split / f"{split}{i:04d}.jpg", quality=95)
+            (root / "labels" / split / f"{split}{i:04d}.txt").write_text("\n".join(lines) + "\n")
+    data = {"path": str(root), "train": "images/train", "val": "images/val", "test": "images/test"}
+    data["names"] = {0: "猫", 1: "狗", 2: "鸟"}
+    (root / "data.yaml").write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return root / "data.yaml"
+
+
+def _use_store(store: Path) -> None:
+    """Point MLflow at ``store`` and create its tables now, untimed: a project's store exists before its runs
+    (creating one runs MLflow's schema migrations, several seconds, once per store)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    MlflowClient().search_experiments()
+
+
+def _direct(data: Path, out: Path, store: Path, **change: int) -> float:
+    import mlflow
+    from ultralytics import YOLO
+
+    _use_store(store)
+    args = {**_params().ultralytics_args(), **change}
+    t = time.perf_counter()
+    YOLO("yolo11n.yaml").train(
+        data=str(data), project=str(out), name="run", exist_ok=True, device="cpu", plots=False, verbose=False, **args
+    )
+    seconds = time.perf_counter() - t
+    if mlflow.active_run() is not None:  # ultralytics keeps its run open under MLFLOW_KEEP_RUN_ACTIVE
+        mlflow.end_run()
+    return seconds
+
+
+def _stage(data_dir: Path, store: Path) -> float:
+    from tasks.train import run
+    from wanwu.config import ProjectParams
+
+    _use_store(store)
+    params = _params()
+    t = time.perf_counter()
+    run(params, ProjectParams(data_dir=data_dir, seed=0, device="cpu"))
+    return time.perf_counter() - t
+
+
+def bench(tmp_dir: Path) -> list[dict]:
+    import shutil
+
+    from wanwu.training import enable_ultralytics_mlflow
+
+    tmp_dir = Path(tmp_dir)
+    data_dir = tmp_dir / "data"
+    data = _dataset(data_dir / "quality" / "dataset")
+    enable_ultralytics_mlflow(True)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "WANWU_ARTIFACT_ROOT", "WANWU_PARENT_RUN_ID")}
+    os.environ["WANWU_ARTIFACT_ROOT"] = (tmp_dir / "mlartifacts").as_uri()
+    os.environ.pop("WANWU_PARENT_RUN_ID", None)
+    direct: list[float] = []
+    stage: list[float] = []
+    try:
+        # imports, the first model build, caches: paid here, by neither arm
+        _direct(data, tmp_dir / "warmup", tmp_dir / "warmup.db", epochs=1)
+        for i, arm in enumerate("ABBAAB"):
+            if arm == "A":
+                direct.append(_direct(data, tmp_dir / f"direct{i}", tmp_dir / f"direct{i}.db"))
+            else:
+                shutil.rmtree(data_dir / "train", ignore_errors=True)
+                stage.append(_stage(data_dir, tmp_dir / f"stage{i}.db"))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    d, s = min(direct), min(stage)
+    ratio = s / d
+    return [
+        {
+            "name": f"train stage vs ultralytics direct (YOLO11n, {N_TRAIN} imgs, {EPOCHS} epochs, imgsz {IMGSZ})",
+            "value": round(s, 2),
+            "unit": "s",
+            "baseline": "YOLO(...).train, same args",
+            "baseline_value": round(d, 2),
+            "ratio": round(ratio, 3),
+            "goal": "≤ 1.05",
+            "met": ratio <= 1.05,
+            "overhead_s": round(s - d, 2),
+            "runs": {"direct": [round(x, 2) for x in direct], "stage": [round(x, 2) for x in stage]},
+        }
+    ]

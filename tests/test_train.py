@@ -1,0 +1,158 @@
+"""The train stage: ultralytics end to end into MLflow, a killed run that resumes, arguments checked up front."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def _project(tmp_path: Path, monkeypatch=None, n_train: int = 16):
+    sys.path.insert(0, str(HERE))
+    from _shapes import make_dataset
+
+    from wanwu.config import ProjectParams
+
+    if monkeypatch is not None:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        monkeypatch.setenv("WANWU_ARTIFACT_ROOT", (tmp_path / "mlartifacts").as_uri())
+        monkeypatch.delenv("WANWU_PARENT_RUN_ID", raising=False)
+    data_dir = tmp_path / "data"
+    make_dataset(data_dir / "quality" / "dataset", n_train=n_train, n_val=8, n_test=4)
+    return ProjectParams(data_dir=data_dir, seed=0), data_dir
+
+
+@pytest.mark.slow
+def test_mlflow_train_two_epochs_at_imgsz_64_end_to_end(tmp_path, monkeypatch):
+    """The name holds "test_mlflow" so ultralytics' own MLflow callback runs under pytest too."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from ultralytics import YOLO
+
+    from tasks.train import run
+    from wanwu.config import TrainParams
+
+    project, data_dir = _project(tmp_path, monkeypatch)
+    params = TrainParams(epochs=2, imgsz=64, batch=8, cache=False)  # no proposer here: falls back to yolo11n.yaml
+    result = run(params, project)
+
+    assert result.start_model == "yolo11n.yaml" and result.epochs == 2 and not result.resumed
+    best = data_dir / "train" / "best.pt"
+    assert Path(result.best) == best and best.is_file()
+    assert YOLO(str(best)).names == {0: "猫", 1: "狗", 2: "鸟"}
+    metrics = json.loads((data_dir / "train" / "metrics.json").read_text())
+    assert {"mAP50", "mAP50-95", "epochs"} <= set(metrics) and 0 <= metrics["mAP50"] <= 1
+
+    runs = mlflow.search_runs(experiment_names=["wanwu"], filter_string="tags.`wanwu.stage` = 'train'")
+    assert len(runs) == 1
+    run_id = runs.iloc[0]["run_id"]
+    client = MlflowClient()
+    info = client.get_run(run_id)
+    assert info.info.status == "FINISHED"
+    assert info.data.params["epochs"] == "2" and info.data.params["train.imgsz"] == "64"  # ultralytics' + ours
+    for key in ("train/box_loss", "metrics/mAP50B"):
+        steps = {m.step for m in client.get_metric_history(run_id, key)}
+        assert {0, 1} <= steps, (key, steps)  # one value per epoch
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {
+        a.path for a in client.list_artifacts(run_id, "weights")
+    }
+    assert {"weights/best.pt", "metrics.json"} <= artifacts
+
+
+def test_unknown_ultralytics_argument_fails_before_training(tmp_path, monkeypatch):
+    from tasks.train import run
+    from wanwu.config import TrainParams
+    from wanwu.training import TrainingError
+
+    project, _ = _project(tmp_path, monkeypatch, n_train=2)
+    with pytest.raises(TrainingError, match="epoch"):
+        run(TrainParams(epochs=1, imgsz=64, extra={"epoch": 3}), project)
+
+
+_CHILD = """
+import sys
+sys.path.insert(0, {repo!r})
+from wanwu.offline import harden
+harden({repo!r})
+from wanwu.config import ProjectParams, TrainParams
+from tasks.train import run
+run(TrainParams(epochs=3, imgsz=64, batch=8, cache=False), ProjectParams(data_dir={data!r}, seed=0))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    project, data_dir = _project(tmp_path, monkeypatch)
+    env = dict(os.environ)
+    env.pop("PYTEST_CURRENT_TEST", None)
+    code = _CHILD.format(repo=str(REPO), data=str(data_dir))
+    last = data_dir / "train" / "run" / "weights" / "last.pt"
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    while not last.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert last.exists(), "the first epoch never wrote last.pt"
+    time.sleep(0.5)  # let the write finish; the kill lands in epoch 2
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (data_dir / "train" / "best.pt").exists()  # it did not finish
+
+    from tasks.train import run
+    from wanwu.config import TrainParams
+
+    result = run(TrainParams(epochs=3, imgsz=64, batch=8, cache=False), project)  # the same params, started again
+    assert result.resumed and result.epochs == 3 and Path(result.best).is_file()
+    rows = (data_dir / "train" / "run" / "results.csv").read_text().splitlines()[1:]
+    assert [int(float(r.split(",")[0])) for r in rows] == [1, 2, 3]  # the epoch count continued, nothing redone
+
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["wanwu"], filter_string="tags.`wanwu.stage` = 'train'")
+    statuses = sorted(runs["status"])
+    assert statuses == ["FINISHED", "KILLED"]
+    finished = runs[runs["status"] == "FINISHED"].iloc[0]
+    assert finished["tags.wanwu.resumed_from_run"] == runs[runs["status"] == "KILLED"].iloc[0]["run_id"]
+
+
+def test_the_gpu_profile_overrides_params_yaml_with_known_keys():
+    import yaml
+
+    from wanwu.config import load_params
+    from wanwu.training import check_args
+
+    overrides = yaml.safe_load((REPO / "params" / "gpu.yaml").read_text())
+    params = load_params(REPO / "params.yaml", overrides=overrides)
+    assert params.train.imgsz == 640 and params.train.epochs > load_params(REPO / "params.yaml").train.epochs
+    assert params.distill.mode == "both"
+    check_args(params.train.ultralytics_args())  # every key is an ultralytics argument
+    check_args(params.distill.ultralytics_args())
+
+
+@pytest.mark.slow
+def test_training_is_deterministic_under_a_seed(tmp_path):
+    import torch
+
+    from wanwu.training import fit
+
+    _, data_dir = _project(tmp_path, n_train=8)
+    data = data_dir / "quality" / "dataset" / "data.yaml"
+    args = {"epochs": 1, "imgsz": 64, "batch": 4, "seed": 7, "deterministic": True, "val": False}
+    weights = []
+    for name in ("a", "b"):
+        result = fit(data, tmp_path / name, model="yolo11n.yaml", device="cpu", progress=None, **args)
+        ckpt = torch.load(result.best, map_location="cpu", weights_only=False)
+        weights.append(ckpt["model"].float().state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
