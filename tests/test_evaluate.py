@@ -1,0 +1,86 @@
+"""The evaluate stage on a real trained model: every candidate on the same gold set, Chinese names in the figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+from _shapes import make_project, mlflow_store, trained_checkpoints
+
+from wanwu.config import EvaluateParams, ProjectParams
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return trained_checkpoints(tmp_path_factory.getbasetemp() / "shapes-run")
+
+
+@pytest.fixture
+def store(tmp_path_factory, monkeypatch):
+    """The session's MLflow store (shared with the registry tests: creating one takes seconds)."""
+    import mlflow
+
+    uri = mlflow_store(tmp_path_factory.getbasetemp() / "mlflow-store")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@pytest.mark.slow
+def test_evaluate_stage_measures_every_candidate_on_the_gold_set(tmp_path, ckpts, store, monkeypatch):
+    from tasks import evaluate
+
+    monkeypatch.setenv("WANWU_MODEL_NAME", "evaluate-detector")  # no champion under this name
+    root = make_project(
+        tmp_path, ckpts["data"], {"train": ckpts["good"], "distill": ckpts["best"]}, REPO / "ontology.yaml"
+    )
+    project = ProjectParams(data_dir=root / "data", ontology=REPO / "ontology.yaml")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate.run(EvaluateParams(latency_runs=5, latency_warmup=1), project)
+
+    metrics = json.loads(Path(result.metrics_file).read_text(encoding="utf-8"))
+    assert metrics["gold"]["split"] == "test" and metrics["gold"]["images"] == 16 and metrics["gold"]["imgsz"] == 64
+    assert set(metrics["models"]) == {"train", "distill"} and metrics["champion_version"] is None
+    for m in metrics["models"].values():
+        assert 0 <= m["mAP50-95"] <= m["mAP50"] <= 1
+        assert 0 < m["latency_ms_p50"] <= m["latency_ms_p95"]
+        assert set(m["per_class"]) <= {"猫", "狗", "鸟"} and m["per_class"]
+        cat = m["per_class"].get("猫") or next(iter(m["per_class"].values()))
+        assert cat["name_en"] in {"cat", "dog", "bird"} and 0 <= cat["recall"] <= 1 and cat["instances"] > 0
+    # the longer-trained checkpoint is the better one, and the stage says so
+    assert metrics["models"]["distill"]["mAP50-95"] > metrics["models"]["train"]["mAP50-95"]
+    assert result.best == "distill" and result.best_weights.endswith("distill/best.pt")
+
+    plots = root / "data" / "evaluate" / "plots"
+    for name in ("train", "distill"):
+        assert (plots / name / "confusion_matrix_normalized.png").stat().st_size > 10_000
+    rows = list(csv.DictReader((plots.parent / "per_class.csv").read_text(encoding="utf-8").splitlines()))
+    assert {r["class"] for r in rows} <= {"猫", "狗", "鸟"} and {r["model"] for r in rows} == {"distill"}
+    # matplotlib warns "Glyph … missing from font" when Chinese would be drawn as empty boxes
+    missing = [str(w.message) for w in caught if "missing from" in str(w.message)]
+    assert not missing, missing[:3]
+
+
+def test_best_candidate_ignores_the_champion():
+    from wanwu.evaluation import best_candidate
+
+    models = {"train": {"mAP50-95": 0.3}, "distill": {"mAP50-95": 0.4}, "champion": {"mAP50-95": 0.9}}
+    assert best_candidate(models) == "distill"
+    assert best_candidate({"train": {"mAP50-95": 0.3}, "distill": {"mAP50-95": 0.3}}) == "train"  # first on a tie
+    assert best_candidate({"champion": {"mAP50-95": 0.9}}) is None
+
+
+def test_missing_inputs_say_which_stage_writes_them(tmp_path):
+    from tasks import evaluate
+    from wanwu.evaluation import EvaluationError, evaluate_model
+
+    with pytest.raises(evaluate.StageInputMissing, match="wanwu stage quality"):
+        evaluate.run(EvaluateParams(), ProjectParams(data_dir=tmp_path / "data", ontology=REPO / "ontology.yaml"))
+    with pytest.raises(EvaluationError, match="weights not found"):
+        evaluate_model(tmp_path / "nope.pt", tmp_path / "data.yaml")
