@@ -1,0 +1,92 @@
+"""Stage results cached by their inputs, not by run id: an unchanged stage costs almost nothing on a re-run.
+
+The key of a stage is a content hash of what ``dvc.yaml`` declares it depends on (its code, its input data) and
+its params sections, so the flow and ``dvc repro`` agree on what "changed" means. Stages whose inputs live
+outside the project (collect reads the user's sources; evaluate and promote read the registry's champion) either
+are not cached (collect: its own skip index makes a re-run cheap) or have that outside state in their key.
+Wiring only: the stage functions are untouched; Prefect stores the results (JSON) and looks the keys up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+UNCACHED = {"collect"}  # sources change outside the flow's view; collect skips seen inputs itself
+REGISTRY_STATE = {"evaluate", "promote"}  # they read the champion alias: part of their key
+_IGNORED_SUFFIXES = (".cache", ".tmp", ".lock")
+
+
+def _hash_path(h: Any, path: Path) -> None:
+    if path.is_file():
+        h.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    elif path.is_dir():
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.endswith(_IGNORED_SUFFIXES) or name.startswith("."):
+                    continue
+                p = Path(dirpath) / name
+                h.update(str(p.relative_to(path)).encode())
+                _hash_path(h, p)
+    else:
+        h.update(b"<missing>" + str(path).encode())
+
+
+def stage_spec(root: Path, stage: str) -> dict[str, Any]:
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return {}
+    return (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage, {})
+
+
+def _champion() -> str:
+    try:
+        from wanwu import registry
+
+        champ = registry.get_alias(registry.CHAMPION)
+    except Exception:  # no store yet, no model yet: nothing to key on
+        return "none"
+    return f"{registry.model_name()}@{champ.version if champ else 'none'}"
+
+
+def stage_key(root: Path, stage: str, params: Any) -> str | None:
+    """The content key of ``stage``'s inputs, or None when the stage is never cached."""
+    if stage in UNCACHED:
+        return None
+    spec = stage_spec(root, stage)
+    h = hashlib.sha256(stage.encode())
+    sections = spec.get("params") or [stage]
+    for section in sorted({*(s if isinstance(s, str) else next(iter(s)) for s in sections), stage}):
+        record = getattr(params, section, None)
+        if record is not None:
+            h.update(json.dumps(record.model_dump(mode="json"), sort_keys=True, default=str).encode())
+    for dep in spec.get("deps") or []:
+        _hash_path(h, root / dep)
+    for out in spec.get("outs") or []:  # outputs deleted by hand mean the stage must run again
+        name = out if isinstance(out, str) else next(iter(out))
+        h.update(f"{name}:{(root / name).exists()}".encode())
+    if stage in REGISTRY_STATE:
+        h.update(_champion().encode())
+    return f"wanwu-{stage}-{h.hexdigest()}"
+
+
+def cached(task: Any, key: str | None) -> Any:
+    """``task`` with its result cached under ``key`` (persisted as JSON), or ``task`` itself when key is None."""
+    if key is None:
+        return task
+    from prefect.cache_policies import CacheKeyFnPolicy
+
+    return task.with_options(
+        cache_policy=CacheKeyFnPolicy(cache_key_fn=lambda *_: key),
+        persist_result=True,
+        result_serializer="json",
+    )
