@@ -1,0 +1,280 @@
+"""The autolabel stage end to end on a tiny sample world: what a user checks after `wanwu stage autolabel`.
+
+One module-scoped run trains a tiny proposer and the domain experts (1 epoch, tiny image sizes) and labels the
+pool and gold images; the other tests reuse its models: the cache (0 model calls on a re-run), the merge knobs,
+the Label Studio round trip, a SIGKILL in the middle of labeling, and the Prefect fan-out on threads and on a
+local Dask cluster of 2 workers — each must give the same set of rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from wanwu import contracts, labeling
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = (
+    "sample://?n=20&seed=3&size=96&catalogue_train=6&catalogue_val=2&catalogue_size=32&generic_train=6&generic_val=3"
+)
+TINY = {
+    "conf": 0.0,  # a 1-epoch proposer scores low: keep its best boxes so every path has crops to label
+    "max_det": 6,
+    "shard_size": 3,
+    "proposer_batch": 4,
+    "runner": "local",
+    "proposer_train": {"epochs": 1, "imgsz": 64, "batch": 8, "generic_train": None, "generic_val": 3, "seed_repeat": 1},
+    "experts": {"epochs": 1, "imgsz": 16, "batch": 16, "other_from_domains": 3, "generic_other": 6},
+    "fusion": {"other_crops": 6},
+}
+
+
+def load(root: Path, **over):
+    from wanwu.config import load_params
+
+    return load_params(root / "params.yaml", {f"autolabel.{k}": v for k, v in over.items()})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from tasks import autolabel, collect
+
+    root = tmp_path_factory.mktemp("autolabel")
+    shutil.copy(REPO / "ontology.yaml", root / "ontology.yaml")
+    (root / "params.yaml").write_text(
+        yaml.safe_dump({"project": {"device": "cpu"}, "collect": {"sources": [WORLD]}, "autolabel": TINY}),
+        encoding="utf-8",
+    )
+    params = load(root)
+    collect.run(params.collect, params.project)
+    t0 = time.perf_counter()
+    result = autolabel.run(params.autolabel, params.project)
+    return {"root": root, "params": params, "result": result, "seconds": time.perf_counter() - t0}
+
+
+def rows(df: pd.DataFrame) -> set[tuple]:
+    return {tuple(tuple(v) if isinstance(v, (list, np.ndarray)) else v for v in r) for r in df.itertuples(index=False)}
+
+
+def test_labels_soft_labels_review_queue_and_metrics(world, ontology):
+    r = world["result"]
+    data = world["params"].project.data_dir
+    manifest = contracts.read("manifest", data / "collect" / "manifest.parquet")
+    labels = contracts.read("labels", r.labels)  # the contract holds
+    wanted = set(manifest.loc[manifest["split"].isin(["pool", "gold"]), "sha256"])
+    assert r.images == len(wanted) and r.labeled_images == len(wanted) and r.model_calls > 0
+    assert len(labels) > 0 and set(labels["sha256"]) <= wanted
+    assert (labels["origin"] == "auto").all()
+    for _, g in labels.groupby("sha256"):
+        assert sorted(g["box_id"]) == list(range(len(g)))  # box ids 0..n-1 per image
+    top = np.array([p[0] for p in labels["topk_probs"]])
+    for ids, probs in zip(labels["topk_ids"], labels["topk_probs"], strict=True):
+        assert len(ids) == len(probs) == 5 and list(probs) == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-4
+        assert all(-1 <= i < len(ontology) for i in ids)
+    assert (labels.loc[top < 0.7, "needs_review"]).all()  # uncertain boxes are flagged
+    # the proposer: class-aware over the ontology plus 物体, where the student will start from
+    from ultralytics import YOLO
+
+    names = YOLO(r.proposer).names
+    assert names[0] == "猫" and len(names) == len(ontology) + 1
+    # Label Studio import JSON
+    tasks = json.loads(Path(r.review_tasks).read_text(encoding="utf-8"))
+    assert len(tasks) == r.review_tasks_count == labels.loc[labels["needs_review"], "sha256"].nunique()
+    for t in tasks:
+        assert t["data"]["sha256"] in wanted and t["data"]["image"].endswith(".jpg")
+        for res in t["predictions"][0]["result"]:
+            v = res["value"]
+            assert res["type"] == "rectanglelabels" and 0 <= v["x"] <= 100 and 0 < v["width"] <= 100
+            assert v["rectanglelabels"][0] in {*ontology.names_zh.values(), "其他"}
+    assert "猫" in (Path(r.review_tasks).parent / "config.xml").read_text(encoding="utf-8")
+    # metrics.json: P/R vs truth overall and per class, and the fusion table
+    m = json.loads(Path(r.metrics).read_text(encoding="utf-8"))
+    pr = m["precision_recall"]
+    assert set(pr["overall"]) >= {"precision", "recall", "tp", "predicted", "truth"} and pr["overall"]["truth"] > 0
+    assert set(pr["per_class"]) == set(ontology.names_zh.values())
+    names = {row["name"] for row in m["fusion_table"]["rows"]}
+    assert {"vote", "weighted", "stacked", "single all-domain model"} <= names
+
+
+def test_rerun_with_unchanged_models_calls_no_model(world):
+    """`wanwu stage autolabel` again: nothing retrained, every image from the cache, an MLflow run that says so."""
+    import mlflow
+
+    from tasks import autolabel
+
+    r1 = world["result"]
+    before = {p: p.stat().st_mtime_ns for p in Path(world["params"].project.data_dir, "autolabel").rglob("best.pt")}
+    t0 = time.perf_counter()
+    r2 = autolabel.run_stage(world["params"])
+    seconds = time.perf_counter() - t0
+    assert r2.model_calls == 0 and r2.cached_images == r2.images and r2.labeled_images == 0
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing retrained
+    assert rows(contracts.read("labels", r2.labels)) == rows(contracts.read("labels", r1.labels))
+    assert seconds < 0.5 * world["seconds"], (seconds, world["seconds"])
+    run = mlflow.search_runs(
+        experiment_names=["wanwu"],
+        filter_string="tags.`wanwu.stage` = 'autolabel'",
+        order_by=["start_time DESC"],
+        max_results=1,
+    )
+    assert run["metrics.model_calls"].iloc[0] == 0 and run["status"].iloc[0] == "FINISHED"
+
+
+def test_the_fused_teacher_serves_the_cascade(world, ontology):
+    from PIL import Image
+
+    from wanwu.models.teachers import from_params
+
+    teacher = from_params(world["params"])  # what serve.cascade_teacher: wanwu.models.teachers:from_params loads
+    crops = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (20, 20), (10, 200, 10))]
+    p = teacher.predict_proba(crops)
+    assert p.shape == (2, len(ontology) + 1)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-4)
+
+
+def test_merge_knobs_apply_without_model_calls(world):
+    from tasks import autolabel
+
+    strict = load(world["root"], review_threshold=1.0, teacher_threshold=0.0)
+    r = autolabel.run(strict.autolabel, strict.project)
+    labels = contracts.read("labels", r.labels)
+    assert r.model_calls == 0 and labels["needs_review"].all()
+    assert (labels["label_id"] == [ids[0] for ids in labels["topk_ids"]]).all()  # teacher always wins at 0
+    autolabel.run(world["params"].autolabel, world["params"].project)  # back to the defaults
+
+
+def test_reviewed_labels_come_back_as_human_labels_and_win(world, tmp_path, ontology):
+    from tasks import autolabel
+
+    r = world["result"]
+    tasks = json.loads(Path(r.review_tasks).read_text(encoding="utf-8"))
+    assert tasks, "the tiny world should have uncertain boxes"
+    # a reviewer fixes the first task: keeps its first box, renames it 东京塔; rejects the second task's boxes
+    first = tasks[0]
+    box = dict(first["predictions"][0]["result"][0])
+    box["value"] = {**box["value"], "rectanglelabels": ["东京铁塔"]}  # a synonym: looked up, not compared
+    export = [{"id": 1, "data": first["data"], "annotations": [{"id": 7, "result": [box], "was_cancelled": False}]}]
+    if len(tasks) > 1:
+        export.append(
+            {"id": 2, "data": tasks[1]["data"], "annotations": [{"id": 8, "result": [], "was_cancelled": False}]}
+        )
+    (tmp_path / "export.json").write_text(json.dumps(export, ensure_ascii=False), encoding="utf-8")
+    p = load(world["root"], review_imports=[str(tmp_path / "export.json")])
+    r2 = autolabel.run(p.autolabel, p.project)
+    labels = contracts.read("labels", r2.labels)
+    assert r2.model_calls == 0
+    mine = labels[labels["sha256"] == first["data"]["sha256"]]
+    assert len(mine) == 1 and mine["origin"].tolist() == ["human"] and mine["label_id"].tolist() == [13]
+    v = box["value"]
+    w = box["original_width"]
+    assert mine["x1"].iloc[0] == pytest.approx(v["x"] * w / 100, abs=0.01)
+    if len(tasks) > 1:
+        assert (labels["sha256"] != tasks[1]["data"]["sha256"]).all()  # reviewed: no objects
+    before = contracts.read("labels", r.labels)
+    untouched = set(before["sha256"]) - {t["data"]["sha256"] for t in tasks[:2]}
+    assert rows(labels[labels["sha256"].isin(untouched)]) == rows(before[before["sha256"].isin(untouched)])
+    autolabel.run(world["params"].autolabel, world["params"].project)
+
+
+# ---- kill and resume; fan-out runners ---------------------------------------------------------------------
+
+
+def spec_and_items(world, parts_dir: Path) -> tuple[labeling.LabelerSpec, list[tuple[str, str]]]:
+    data = world["params"].project.data_dir
+    vdir = next((data / "autolabel" / "parts").iterdir())
+    spec = labeling.LabelerSpec.model_validate_json((vdir / "spec.json").read_text())
+    spec = spec.model_copy(update={"parts_dir": str(parts_dir)})
+    m = contracts.read("manifest", data / "collect" / "manifest.parquet")
+    m = m[m["split"].isin(["pool", "gold"])]
+    return spec, list(zip(m["sha256"], m["path"], strict=True))
+
+
+def assembled(spec: labeling.LabelerSpec, items, out: Path) -> set[tuple]:
+    labeling.assemble(spec.version_dir(), [s for s, _ in items], out)
+    return rows(contracts.read("labels", out))
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    from wanwu.offline import harden
+    harden(sys.argv[3])
+    from wanwu import labeling
+    spec = labeling.LabelerSpec.model_validate_json(open(sys.argv[1]).read())
+    items = [tuple(x) for x in json.load(open(sys.argv[2]))]
+
+    def slow(spec, shards):  # the test's pace: time to kill between two shards' parts
+        out = []
+        for s in shards:
+            out.append(labeling.label_shard(spec, s))
+            print("part", flush=True)
+            time.sleep(0.4)
+        return out
+
+    labeling.run_shards(spec, items, shard_size=2, map_fn=slow)
+    """
+)
+
+
+def test_sigkill_mid_run_then_resume_gives_the_rows_of_an_uninterrupted_run(world, tmp_path):
+    spec, items = spec_and_items(world, tmp_path / "killed")
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    (tmp_path / "items.json").write_text(json.dumps(items))
+    (tmp_path / "kill.py").write_text(KILL_SCRIPT)
+    total = len(labeling.make_shards(items, len(items), 2))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(tmp_path / "kill.py"),
+            str(tmp_path / "spec.json"),
+            str(tmp_path / "items.json"),
+            str(REPO),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    vdir = spec.version_dir()
+    deadline = time.time() + 120
+    while len(list(vdir.glob("*.parquet"))) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(vdir.glob("*.parquet")))
+    assert proc.returncode == -signal.SIGKILL and 0 < done < total, (done, total)
+
+    resumed = labeling.run_shards(spec, items, shard_size=2)
+    assert resumed.cached_images > 0 and resumed.shards == total - done  # only the missing shards
+    clean_spec, _ = spec_and_items(world, tmp_path / "clean")
+    labeling.run_shards(clean_spec, items, shard_size=2)
+    killed_rows = assembled(spec, items, tmp_path / "a.parquet")
+    assert killed_rows == assembled(clean_spec, items, tmp_path / "b.parquet")  # no duplicate, no lost row
+    assert not list(vdir.glob(".*.tmp"))  # the killed writer's temp file was cleaned up
+
+
+def test_prefect_fan_out_on_threads_and_a_local_dask_cluster_of_two_workers(world, tmp_path):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from tasks.autolabel import prefect_map
+
+    local_spec, items = spec_and_items(world, tmp_path / "local")
+    labeling.run_shards(local_spec, items, shard_size=3)
+    expected = assembled(local_spec, items, tmp_path / "local.parquet")
+    with prefect_test_harness(server_startup_timeout=120):
+        for runner in ("threads", "dask"):
+            spec, _ = spec_and_items(world, tmp_path / runner)
+            stats = labeling.run_shards(spec, items, shard_size=3, map_fn=prefect_map(runner, workers=2))
+            assert stats.labeled_images == len(items) and stats.shards > 2 and stats.model_calls > 0, runner
+            assert assembled(spec, items, tmp_path / f"{runner}.parquet") == expected, runner

@@ -1,0 +1,209 @@
+"""Fusing several teachers' opinions into one distribution over the ontology (K classes + "other").
+
+Every strategy takes each teacher's probabilities already projected onto ontology columns (``(N, K+1)``, column
+K = other) together with its *coverage* — which columns it can say at all. Coverage matters with domain
+experts: a plant expert has no opinion on cats, and averaging its "other" with the animal expert's "cat" would
+drown every class in "other".
+
+* ``vote``: each teacher votes its top column; a vote for "other" abstains. The winner's probability is the
+  mean score its voters gave it; "other" takes what is left. No voter: the mean distribution.
+* ``weighted``: per column, the weighted mean over the teachers that cover it (weights from params or fitted on
+  labeled crops), renormalised. With teachers that all cover everything this is the plain weighted average.
+* ``stacked``: a multinomial logistic regression on the concatenated teacher outputs, trained on labeled crops
+  (the human seed plus "other" examples). Stored as JSON (coefficients, classes): no pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wanwu.ontology import OTHER_ID
+
+STRATEGIES = ("vote", "weighted", "stacked")
+
+
+class FusionError(ValueError):
+    """Fusion cannot run as configured; names the strategy or file and the fix."""
+
+
+def ids_to_columns(ids: Sequence[int] | np.ndarray, k: int) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64)
+    return np.where(ids >= 0, ids, k)
+
+
+def columns_to_ids(cols: np.ndarray, k: int) -> np.ndarray:
+    return np.where(cols >= k, OTHER_ID, cols).astype(np.int32)
+
+
+def vote(probs: Sequence[np.ndarray], coverage: Sequence[np.ndarray]) -> np.ndarray:
+    n, c = probs[0].shape
+    k = c - 1
+    votes = np.stack([p.argmax(1) for p in probs], axis=1)  # (N, T)
+    stacked = np.stack(probs, axis=1)  # (N, T, C)
+    out = np.zeros((n, c), np.float32)
+    voters = (votes != k).sum(1)
+    for col in range(k):
+        mask = votes == col  # (N, T)
+        if not mask.any():
+            continue
+        score = (stacked[:, :, col] * mask).sum(1)
+        out[:, col] = np.where(voters > 0, score / np.maximum(voters, 1), 0.0)
+    out[:, k] = np.clip(1.0 - out[:, :k].sum(1), 0.0, 1.0)
+    none = voters == 0
+    if none.any():
+        out[none] = stacked[none].mean(1)
+    return out / out.sum(1, keepdims=True)
+
+
+def weighted(probs: Sequence[np.ndarray], coverage: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    w = np.asarray(weights, np.float64)
+    cov = np.stack([np.asarray(c, bool) for c in coverage]).astype(np.float64)  # (T, C)
+    num = sum(wi * p for wi, p in zip(w, probs, strict=True))
+    den = (w[:, None] * cov).sum(0)
+    out = np.where(den > 0, num / np.maximum(den, 1e-12), 0.0)
+    s = out.sum(1, keepdims=True)
+    return (out / np.where(s > 0, s, 1.0)).astype(np.float32)
+
+
+def fit_weights(probs: Sequence[np.ndarray], coverage: Sequence[np.ndarray], cols: np.ndarray) -> list[float]:
+    """Each teacher's weight = its accuracy on the labeled crops it covers (floor 0.05)."""
+    out = []
+    for p, cov in zip(probs, coverage, strict=True):
+        mask = np.asarray(cov, bool)[cols]
+        acc = float((p[mask].argmax(1) == cols[mask]).mean()) if mask.any() else 0.0
+        out.append(max(acc, 0.05))
+    return out
+
+
+@contextlib.contextmanager
+def _no_autolog() -> Iterator[None]:
+    """ultralytics' MLflow callback switches on mlflow.autolog() for the whole process; a meta-model fit is not
+    a run of its own (and autolog would pickle it)."""
+    if "mlflow" not in sys.modules:
+        yield
+        return
+    from mlflow.utils.autologging_utils import disable_autologging
+
+    with disable_autologging():
+        yield
+
+
+class StackedModel:
+    """Multinomial logistic regression over concatenated teacher outputs; predict_proba done with numpy."""
+
+    def __init__(self, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray, n_cols: int):
+        self.coef = np.asarray(coef, np.float64)
+        self.intercept = np.asarray(intercept, np.float64)
+        self.classes = np.asarray(classes, np.int64)  # ontology columns the model saw (0..K)
+        self.n_cols = n_cols
+
+    @staticmethod
+    def features(probs: Sequence[np.ndarray]) -> np.ndarray:
+        # log-probabilities separate confident from hedged opinions better than raw probabilities
+        return np.concatenate([np.log(np.clip(p, 1e-4, 1.0)) for p in probs], axis=1)
+
+    @classmethod
+    def fit(cls, probs: Sequence[np.ndarray], cols: np.ndarray, C: float = 1.0, seed: int = 0) -> StackedModel:
+        from sklearn.linear_model import LogisticRegression
+
+        n_cols = probs[0].shape[1]
+        classes = np.unique(cols)
+        if len(classes) < 2:
+            raise FusionError(f"stacked fusion needs labeled crops of at least 2 classes, got {classes.tolist()}")
+        lr = LogisticRegression(C=C, max_iter=2000, random_state=seed)
+        with _no_autolog():
+            lr.fit(cls.features(probs), cols)
+        coef, intercept = lr.coef_, lr.intercept_
+        if len(classes) == 2:  # sklearn stores one row for binary problems
+            coef = np.vstack([-coef[0] / 2, coef[0] / 2])
+            intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+        return cls(coef, intercept, lr.classes_, n_cols)
+
+    def predict_proba(self, probs: Sequence[np.ndarray]) -> np.ndarray:
+        z = self.features(probs) @ self.coef.T + self.intercept
+        z -= z.max(1, keepdims=True)
+        e = np.exp(z)
+        p = e / e.sum(1, keepdims=True)
+        out = np.zeros((p.shape[0], self.n_cols), np.float32)
+        out[:, self.classes] = p
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "coef": self.coef.tolist(),
+            "intercept": self.intercept.tolist(),
+            "classes": self.classes.tolist(),
+            "n_cols": self.n_cols,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StackedModel:
+        return cls(np.array(d["coef"]), np.array(d["intercept"]), np.array(d["classes"]), int(d["n_cols"]))
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict()))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> StackedModel:
+        if not Path(path).is_file():
+            raise FusionError(f"{path}: no stacked meta-model. Run autolabel with fusion.strategy stacked to fit one.")
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class Fusion:
+    """One configured strategy: ``fusion(list of (N, K+1)) -> (N, K+1)``."""
+
+    def __init__(
+        self,
+        strategy: str,
+        coverage: Sequence[np.ndarray],
+        weights: Sequence[float] | None = None,
+        meta: StackedModel | None = None,
+    ):
+        if strategy not in STRATEGIES:
+            raise FusionError(f"fusion strategy {strategy!r}: choose one of {list(STRATEGIES)}")
+        if strategy == "stacked" and meta is None:
+            raise FusionError("fusion strategy stacked needs a fitted meta-model (StackedModel)")
+        self.strategy = strategy
+        self.coverage = [np.asarray(c, bool) for c in coverage]
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.coverage)
+        self.meta = meta
+
+    def __call__(self, probs: Sequence[np.ndarray]) -> np.ndarray:
+        if len(probs) != len(self.coverage):
+            raise FusionError(f"fusion configured for {len(self.coverage)} teachers, got {len(probs)} outputs")
+        if len(probs) == 1 and self.strategy != "stacked":
+            return np.asarray(probs[0], np.float32)
+        if probs[0].shape[0] == 0:
+            return np.zeros((0, probs[0].shape[1]), np.float32)
+        if self.strategy == "vote":
+            return vote(probs, self.coverage)
+        if self.strategy == "weighted":
+            return weighted(probs, self.coverage, self.weights)
+        assert self.meta is not None
+        return self.meta.predict_proba(probs)
+
+    def version(self) -> str:
+        state = {
+            "strategy": self.strategy,
+            "weights": [round(w, 6) for w in self.weights],
+            "coverage": [c.astype(int).tolist() for c in self.coverage],
+            "meta": self.meta.to_dict() if self.meta is not None and self.strategy == "stacked" else None,
+        }
+        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def accuracy(fused: np.ndarray, cols: np.ndarray) -> float:
+    return float((fused.argmax(1) == cols).mean()) if len(cols) else float("nan")
