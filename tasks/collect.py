@@ -276,7 +276,7 @@ class _Tables:
         old_rejects = self.rejects[~self.rejects["source"].isin(replaced)] if replaced else self.rejects
         # Order matters for resume: labels, then the manifest, then the seen index (see _attach).
         contracts.write("rejects", _concat(old_rejects, n["rejects"]), self.paths["rejects"])
-        _write_plain(_concat(self.near, n["near"]), self.paths["near_duplicates"])
+        contracts.write_atomic(_concat(self.near, n["near"]), self.paths["near_duplicates"])
         contracts.write("labels", _concat(self.human, n["human"]), self.paths["human_labels"])
         contracts.write("labels", _concat(self.truth, n["truth"]), self.paths["truth"])
         contracts.write("image_labels", _concat(self.image_labels, n["image_labels"]), self.paths["image_labels"])
@@ -288,7 +288,7 @@ class _Tables:
                 "sha256": [self.seen_sha.get(k, "") for k in self.seen],
             }
         )
-        _write_plain(seen, self.paths["seen"])
+        contracts.write_atomic(seen, self.paths["seen"])
         self.dirty = False
 
 
@@ -299,23 +299,6 @@ def _concat(old: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
     if not len(old):
         return new
     return pd.concat([old, new], ignore_index=True)
-
-
-def _write_plain(table: pd.DataFrame | pa.Table, path: Path) -> None:
-    import os
-    import tempfile
-
-    if isinstance(table, pd.DataFrame):
-        table = pa.Table.from_pandas(table, preserve_index=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _label_row(sha: str, box_id: int, box: tuple, origin: str) -> dict:

@@ -129,8 +129,14 @@ def _check_values(name: str, table: pa.Table) -> None:
 
 def write(name: str, df: pd.DataFrame, path: str | Path) -> Path:
     """Check ``df`` against contract ``name`` and write it atomically to ``path``."""
+    return write_atomic(to_table(name, df), path)
+
+
+def write_atomic(table: pa.Table | pd.DataFrame, path: str | Path) -> Path:
+    """Write a Parquet table through a temp file and a rename: a killed process never leaves half a table."""
     path = Path(path)
-    table = to_table(name, df)
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
