@@ -168,22 +168,14 @@ def _progress_callbacks(label: str) -> dict[str, Callable]:
     def epoch_end(trainer: Any) -> None:
         m = trainer.metrics or {}
         state["map"] = m.get("metrics/mAP50(B)")
+        if "metrics/accuracy_top1" in m:  # a classifier (the autolabel experts): accuracy, not mAP
+            figures = f"top1 {m['metrics/accuracy_top1']:.4f}  top5 {m.get('metrics/accuracy_top5', 0.0):.4f}"
+        else:
+            figures = f"mAP50 {m.get('metrics/mAP50(B)', 0.0):.4f}  mAP50-95 {m.get('metrics/mAP50-95(B)', 0.0):.4f}"
         bar = state.get("bar")
         if bar is not None and bar.disable and trainer.epoch < trainer.epochs:  # no terminal: one line per epoch
-            print(
-                f"{label}: epoch {trainer.epoch + 1}/{trainer.epochs}  mAP50 {m.get('metrics/mAP50(B)', 0.0):.4f}  "
-                f"mAP50-95 {m.get('metrics/mAP50-95(B)', 0.0):.4f}",
-                file=sys.stderr,
-                flush=True,
-            )
-        log.info(
-            "%s epoch %d/%d: mAP50 %.4f mAP50-95 %.4f",
-            label,
-            trainer.epoch + 1,
-            trainer.epochs,
-            m.get("metrics/mAP50(B)", 0.0),
-            m.get("metrics/mAP50-95(B)", 0.0),
-        )
+            print(f"{label}: epoch {trainer.epoch + 1}/{trainer.epochs}  {figures}", file=sys.stderr, flush=True)
+        log.info("%s epoch %d/%d: %s", label, trainer.epoch + 1, trainer.epochs, figures)
 
     def end(trainer: Any) -> None:
         bar = state.pop("bar", None)
