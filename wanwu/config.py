@@ -167,6 +167,11 @@ class QualityParams(_Section):
     include_needs_review: bool = Field(
         False, description="auto boxes the autolabel stage flagged needs_review: left out (and counted) unless true"
     )
+    keep_auto_background: bool = Field(
+        False,
+        description="auto-labeled images where no box passed: left out (the labeler was unsure, not sure of "
+        "'nothing here') unless true",
+    )
     min_auto_confidence: float = Field(0.0, ge=0, le=1, description="auto boxes below this confidence are left out")
     nms_iou: float = Field(
         0.7, gt=0, le=1, description="class-aware NMS on auto boxes: same-class boxes overlapping more are duplicates"

@@ -311,6 +311,13 @@ def select(
     a["passes"] = reason == ""
     auto_scored = a
 
+    # An auto-labeled image where no box passed is not known to be background: the labeler was unsure or missed.
+    # Training on it would teach "nothing here"; it stays out (counted, its boxes are in the review queue).
+    with_box = set(a.loc[a["passes"], "sha256"]) & auto_imgs
+    counts["auto_images_without_box"] = len(auto_imgs - with_box)
+    if not params.keep_auto_background:
+        auto_imgs = with_box
+
     in_auto_img = a["sha256"].isin(auto_imgs)
     auto_dropped = a[~a["passes"] & in_auto_img]
     overridden = a[a["sha256"].isin(human_imgs)].assign(reason="overridden_by_human")
