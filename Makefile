@@ -46,7 +46,7 @@ doctor: $(STAMP)  ## what is ready and what is not, with the fix for each
 lock:  ## re-resolve requirements.in into requirements.lock (needs the registries)
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet -r requirements.in
-	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^wanwu' > requirements.lock
+	.venv-lock/bin/pip freeze --all --exclude-editable | grep -v -E '^(pip|wanwu)==' > requirements.lock  # --all: setuptools builds the editable install
 	rm -rf .venv-lock
 
 clean:  ## remove run outputs (keeps the virtual environment)
