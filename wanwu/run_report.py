@@ -63,30 +63,36 @@ def _data(data_dir: Path) -> Section:
     return Section("Data", kv_table(counts))
 
 
+def _pr_line(title: str, pr: dict[str, Any]) -> str:
+    return (
+        f"<p>{esc(title)}: precision <b>{fmt(pr.get('precision'))}</b>, recall <b>{fmt(pr.get('recall'))}</b> "
+        f"({fmt(pr.get('tp'))} right of {fmt(pr.get('predicted'))} boxes; {fmt(pr.get('reference'))} objects).</p>"
+    )
+
+
 def _label_quality(data_dir: Path) -> Section:
     q = _json(data_dir / "quality" / "metrics.json") or {}
     a = _json(data_dir / "autolabel" / "metrics.json") or {}
-    pr = q.get("autolabel_vs_truth") or q.get("autolabel_pr") or a.get("precision_recall") or a.get("vs_truth")
     if not (q or a):
         return _missing("autolabel / quality")
     body = []
-    if isinstance(pr, dict):
-        overall = pr.get("overall", pr)
+    pr = q.get("autolabel") or {}
+    ref = pr.get("reference", "truth")
+    if isinstance(pr.get("all"), dict):
         body.append(
-            "<p>Auto labels against the truth (IoU ≥ 0.5 and the right class): "
-            f"precision <b>{fmt(overall.get('precision'))}</b>, recall <b>{fmt(overall.get('recall'))}</b>.</p>"
+            _pr_line(f"All auto labels against the {ref} (IoU ≥ {pr.get('iou', 0.5)} and the right class)", pr["all"])
         )
-        per_class = pr.get("per_class")
-        if isinstance(per_class, list):
-            body.append(table_html(per_class))
-        elif isinstance(per_class, dict):
-            body.append(table_html([{"class": k, **v} for k, v in per_class.items()]))
-    fusion = a.get("fusion") or a.get("fusion_table")
-    if fusion:
-        body.append("<h3>Teacher fusion on gold crops</h3>")
-        body.append(
-            table_html(fusion if isinstance(fusion, list) else [{"strategy": k, **v} for k, v in fusion.items()])
-        )
+        if isinstance(pr.get("accepted"), dict):
+            body.append(_pr_line("Auto labels that entered the dataset (not flagged for review)", pr["accepted"]))
+        per_class = pr["all"].get("per_class") or {}
+        rows = [{"id": k, **v} for k, v in per_class.items() if isinstance(v, dict)]
+        if rows:
+            body.append(table_html(rows, ["id", "name", "precision", "recall", "tp", "predicted", "reference"]))
+    fusion = a.get("fusion_table")
+    rows = fusion.get("rows") if isinstance(fusion, dict) else fusion
+    if isinstance(rows, list) and rows:
+        body.append("<h3>Teachers and their fusion on gold crops (accuracy)</h3>")
+        body.append(table_html(rows))
     gate = q.get("passed")
     if gate is not None:
         body.append(f"<p>Quality gate: {badge(bool(gate))}</p>")
@@ -146,9 +152,10 @@ def _detections(data_dir: Path, out_dir: Path, n: int = 4) -> Section:
     figures = []
     for i, img in enumerate(images):
         res = model.predict(str(img), conf=0.25, verbose=False, device="cpu")[0]
-        plotted = res.plot(pil=True, line_width=1, font_size=11)  # BGR numpy
+        plotted = res.plot(pil=True, line_width=1, font_size=11)  # Chinese names need ultralytics' PIL drawing
         path = out_dir / f"detections_{i}.png"
-        Image.fromarray(plotted[..., ::-1]).save(path)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (plotted if isinstance(plotted, Image.Image) else Image.fromarray(plotted[..., ::-1])).save(path)
         figures.append((path, f"{weights.parent.name} on gold image {img.stem[:10]}"))
     return Section("Example detections (gold images)", figures=figures)
 
