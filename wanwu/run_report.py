@@ -116,8 +116,8 @@ def _evaluation(data_dir: Path) -> Section:
                 "version": m.get("version"),
                 "mAP50": m.get("mAP50"),
                 "mAP50-95": m.get("mAP50-95"),
-                "latency p50 ms": m.get("latency_p50_ms"),
-                "latency p95 ms": m.get("latency_p95_ms"),
+                "latency p50 ms": m.get("latency_ms_p50"),
+                "latency p95 ms": m.get("latency_ms_p95"),
             }
         )
     gold = ev.get("gold") or {}
