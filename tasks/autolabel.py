@@ -278,7 +278,10 @@ def train_or_reuse_experts(
     e = params.experts
     out = project.data_dir / "autolabel" / "teachers"
     catalogue = inputs.world / "catalogue"
-    init = proposer if e.init_from_proposer else None
+    # The experts' backbone starts from the proposer trained here on the generic corpus when there is one, not from
+    # whichever detector proposes today: a new champion must not retrain every expert.
+    local = project.data_dir / "autolabel" / "proposer" / "best.pt"
+    init = (local if local.is_file() else proposer) if e.init_from_proposer else None
     args = e.ultralytics_args(project.seed)
     for k in ("model", "init_from_proposer", "other_from_domains", "generic_other", "single_baseline"):
         args.pop(k, None)

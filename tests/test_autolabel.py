@@ -116,13 +116,10 @@ def test_rerun_with_unchanged_models_calls_no_model(world):
 
     r1 = world["result"]
     before = {p: p.stat().st_mtime_ns for p in Path(world["params"].project.data_dir, "autolabel").rglob("best.pt")}
-    t0 = time.perf_counter()
-    r2 = autolabel.run_stage(world["params"])
-    seconds = time.perf_counter() - t0
+    r2 = autolabel.run_stage(world["params"])  # its time against the first run is measured in bench/, not here
     assert r2.model_calls == 0 and r2.cached_images == r2.images and r2.labeled_images == 0
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing retrained
     assert rows(contracts.read("labels", r2.labels)) == rows(contracts.read("labels", r1.labels))
-    assert seconds < 0.5 * world["seconds"], (seconds, world["seconds"])
     run = mlflow.search_runs(
         experiment_names=["wanwu"],
         filter_string="tags.`wanwu.stage` = 'autolabel'",

@@ -98,6 +98,7 @@ def test_rerun_on_shared_data_adds_nothing(project, shared_datasets):
 
     p = load_params(project / "params_raccoon.yaml")
     if not (project / "data_raccoon" / "collect" / "manifest.parquet").is_file():
-        pytest.skip("runs after test_raccoon_voc")
+        collect.run(p.collect, p.project)  # the first collect, when this test runs alone
     again = collect.run(p.collect, p.project)
-    assert again.images_added == 0 and again.images_skipped == 200 and again.seconds < 2
+    # nothing decoded again: every file is skipped by (source, size, mtime); timing is measured in bench/, not here
+    assert again.images_added == 0 and again.images_skipped == 200 and again.images_reindexed == 0
