@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from tasks import lazy_task
 from wanwu import contracts, labeling
 from wanwu.config import AutolabelParams, Params, ProjectParams
 from wanwu.labeling import FusionSpec, LabelerSpec, ProposerSpec, Reviewed, Shard, ShardResult
@@ -784,10 +785,4 @@ def _task() -> Any:
     return prefect.task(run, name="autolabel", retries=1, retry_delay_seconds=5)
 
 
-def __getattr__(name: str) -> Any:
-    # The Prefect wrapper is built on first use, so `wanwu stage autolabel` does not pay for importing prefect.
-    if name == "autolabel_task":
-        task = _task()
-        globals()["autolabel_task"] = task
-        return task
-    raise AttributeError(name)
+__getattr__ = lazy_task(globals(), "autolabel", _task)

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
+from tasks import lazy_task
 from wanwu import contracts, images
 from wanwu.config import CollectParams, Params, ProjectParams, SourceSpec
 from wanwu.images import BAD_BOX, DUPLICATE, ImageReject, Normalized
@@ -677,10 +678,4 @@ def _task() -> Any:
     return prefect.task(run, name="collect", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 
 
-def __getattr__(name: str) -> Any:
-    # The Prefect wrapper is built on first use, so `wanwu stage collect` does not pay for importing prefect.
-    if name == "collect_task":
-        task = _task()
-        globals()["collect_task"] = task
-        return task
-    raise AttributeError(name)
+__getattr__ = lazy_task(globals(), "collect", _task)

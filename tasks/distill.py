@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tasks import lazy_task
 from tasks.train import StageInputMissing, TrainResult, fit_stage
 from wanwu.config import DistillParams, Params, ProjectParams, TrainParams
 
@@ -132,9 +133,4 @@ def _task() -> Any:
     return prefect.task(run, name="distill")
 
 
-def __getattr__(name: str) -> Any:
-    if name == "distill_task":
-        task = _task()
-        globals()["distill_task"] = task
-        return task
-    raise AttributeError(name)
+__getattr__ = lazy_task(globals(), "distill", _task)

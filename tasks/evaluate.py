@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tasks import lazy_task
 from wanwu.config import EvaluateParams, Params, ProjectParams
 
 
@@ -167,12 +168,10 @@ def run_stage(params: Params) -> EvaluateResult:
     return result
 
 
-def __getattr__(name: str) -> Any:
-    # The Prefect wrapper is built on first use, so `wanwu stage evaluate` does not pay for importing prefect.
-    if name == "evaluate_task":
-        import prefect
+def _task() -> Any:
+    import prefect
 
-        task = prefect.task(run, name="evaluate", retries=1, retry_delay_seconds=5)  # a registry read may hiccup
-        globals()["evaluate_task"] = task
-        return task
-    raise AttributeError(name)
+    return prefect.task(run, name="evaluate", retries=1, retry_delay_seconds=5)  # a registry read may hiccup: one retry
+
+
+__getattr__ = lazy_task(globals(), "evaluate", _task)

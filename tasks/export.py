@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tasks import lazy_task
 from wanwu.config import ExportParams, Params, ProjectParams
 
 
@@ -167,12 +168,10 @@ def run_stage(params: Params) -> ExportResult:
     return r
 
 
-def __getattr__(name: str) -> Any:
-    # Built on first use: `wanwu stage export` does not import prefect. No retries: a retry would register twice.
-    if name == "export_task":
-        import prefect
+def _task() -> Any:
+    import prefect
 
-        task = prefect.task(run, name="export")
-        globals()["export_task"] = task
-        return task
-    raise AttributeError(name)
+    return prefect.task(run, name="export")  # no retries: a retry would register twice
+
+
+__getattr__ = lazy_task(globals(), "export", _task)

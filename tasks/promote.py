@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from tasks import lazy_task
 from wanwu.config import Params, ProjectParams, PromoteParams
 
 
@@ -133,12 +134,10 @@ def run_stage(params: Params) -> PromoteResult:
     return r
 
 
-def __getattr__(name: str) -> Any:
-    # Built on first use. No retries: a refusal is a decision, not a hiccup.
-    if name == "promote_task":
-        import prefect
+def _task() -> Any:
+    import prefect
 
-        task = prefect.task(run, name="promote")
-        globals()["promote_task"] = task
-        return task
-    raise AttributeError(name)
+    return prefect.task(run, name="promote")  # no retries: a refusal is a decision, not a hiccup
+
+
+__getattr__ = lazy_task(globals(), "promote", _task)

@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel
 
+from tasks import lazy_task
 from wanwu import contracts
 from wanwu import quality as q
 from wanwu.config import Params, ProjectParams, QualityParams
@@ -297,10 +298,4 @@ def _task() -> Any:
     return prefect.task(run, name="quality", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_on_io)
 
 
-def __getattr__(name: str) -> Any:
-    # The Prefect wrapper is built on first use, so `wanwu stage quality` does not pay for importing prefect.
-    if name == "quality_task":
-        task = _task()
-        globals()["quality_task"] = task
-        return task
-    raise AttributeError(name)
+__getattr__ = lazy_task(globals(), "quality", _task)

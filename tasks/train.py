@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from tasks import lazy_task
 from wanwu.config import DistillParams, Params, ProjectParams, TrainParams
 
 
@@ -179,10 +180,4 @@ def _task() -> Any:
     return prefect.task(run, name="train")
 
 
-def __getattr__(name: str) -> Any:
-    # The Prefect wrapper is built on first use, so `wanwu stage train` does not pay for importing prefect.
-    if name == "train_task":
-        task = _task()
-        globals()["train_task"] = task
-        return task
-    raise AttributeError(name)
+__getattr__ = lazy_task(globals(), "train", _task)
