@@ -63,7 +63,8 @@ def stage_key(root: Path, stage: str, params: Any) -> str | None:
     if stage in UNCACHED:
         return None
     spec = stage_spec(root, stage)
-    h = hashlib.sha256(stage.encode())
+    # The project folder is part of the key: results hold its paths, so another checkout never reuses them.
+    h = hashlib.sha256(f"{stage}\0{Path(root).resolve()}".encode())
     sections = spec.get("params") or [stage]
     for section in sorted({*(s if isinstance(s, str) else next(iter(s)) for s in sections), stage}):
         record = getattr(params, section, None)

@@ -46,6 +46,13 @@ def test_the_key_follows_content_and_params_not_time(root: Path):
     (root / "code.py").write_text("print(2)\n")
     assert stage_key(root, "train", p) != k2
     assert stage_key(root, "collect", p) is None  # never cached: its sources live outside the project
+    other = root / "copy"
+    other.mkdir()
+    for name in ("dvc.yaml", "code.py"):
+        (other / name).write_bytes((root / name).read_bytes())
+    (other / "data" / "in").mkdir(parents=True)
+    (other / "data" / "in" / "a.txt").write_text("b")
+    assert stage_key(other, "train", p) != stage_key(root, "train", p)  # results hold paths: per checkout
 
 
 def test_a_cached_task_does_not_run_again_for_the_same_key(root: Path):
