@@ -28,32 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import row as _row  # noqa: E402  (after the path set-up, for `python bench/bench_x.py`)
+
 N = 200  # scenes (pool + gold ≈ 90 % of them are labeled)
 WORLD = f"sample://?n={N}&seed=5&catalogue_train=0&catalogue_val=0&generic_train=0&generic_val=0"
 BASELINE_IMAGES = 30
 BOXES = 8
-
-
-def _row(
-    name: str,
-    value: float,
-    unit: str,
-    baseline: str,
-    baseline_value: float | None,
-    ratio: float | None,
-    goal: str,
-    met: bool | None = None,
-) -> dict:
-    return {
-        "name": name,
-        "value": round(value, 4),
-        "unit": unit,
-        "baseline": baseline,
-        "baseline_value": None if baseline_value is None else round(baseline_value, 4),
-        "ratio": None if ratio is None else round(ratio, 4),
-        "goal": goal,
-        "met": met,
-    }
 
 
 def build_models(out: Path, ontology) -> tuple[Path, list[Path]]:

@@ -26,21 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import row as _row  # noqa: E402  (after the path set-up, for `python bench/bench_x.py`)
+
 N = 1000
 WORLD = f"sample://?n={N}&seed=0&catalogue_train=0&catalogue_val=0&generic_train=0&generic_val=0"
 BASELINE_SCENES = 150
-
-
-def _row(name: str, value: float, unit: str, baseline: str, baseline_value: float, ratio: float, goal: str) -> dict:
-    return {
-        "name": name,
-        "value": round(value, 4),
-        "unit": unit,
-        "baseline": baseline,
-        "baseline_value": round(baseline_value, 4),
-        "ratio": round(ratio, 4),
-        "goal": goal,
-    }
 
 
 def bench(tmp_dir: str | Path) -> list[dict]:

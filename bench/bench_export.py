@@ -28,29 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import row as _row  # noqa: E402  (after the path set-up, for `python bench/bench_x.py`)
+
 RUNS, WARMUP, ROUNDS = 200, 10, 10  # timed calls per model, in alternating rounds
-
-
-def _row(
-    name: str,
-    value: float,
-    unit: str,
-    baseline: str,
-    baseline_value: float,
-    ratio: float | None,
-    goal: str,
-    met: bool | None,
-) -> dict:
-    return {
-        "name": name,
-        "value": round(value, 4),
-        "unit": unit,
-        "baseline": baseline,
-        "baseline_value": round(baseline_value, 4),
-        "ratio": None if ratio is None else round(ratio, 4),
-        "goal": goal,
-        "met": met,
-    }
 
 
 def _runners(pt: Path, onnx_path: Path, int8_path: Path, image: Path, imgsz: int, threads: int) -> dict:
