@@ -174,15 +174,17 @@ def prepare_proposer(
                 f"autolabel.proposer = {choice!r}: {path} does not exist. Give an existing detector checkpoint."
             )
         return path, f"checkpoint {path}"
-    if choice in ("champion", "auto"):
+    if choice == "champion":
         champ = pz.champion_checkpoint(root, out / "champion")
-        if champ is not None:
-            return champ, "registry champion"
-        if choice == "champion":
+        if champ is None:
             raise AutolabelError(
                 "autolabel.proposer = champion but the registry has no wanwu-detector@champion with a .pt file. "
                 "Run the pipeline once (it registers a champion) or set autolabel.proposer to auto or a checkpoint."
             )
+        return champ, "registry champion"
+    if choice == "auto":
+        # Not the champion: labels must be a function of the stage's declared inputs, or neither `dvc repro` nor
+        # the flow's cache can tell a re-run from a change (the registry lives outside both).
         model = params.proposer_train.model
     elif choice.endswith((".yaml", ".yml")):
         model = choice

@@ -3,9 +3,8 @@
 Any ultralytics detection checkpoint works (class-aware: its class names are looked up in the ontology, names
 that map to nothing become "other"; or class-agnostic: every box is just a box). Where the weights come from
 (:func:`resolve`): a checkpoint path, a model yaml (trained here), the registry's ``champion`` alias, or
-``auto`` — the champion when there is one, else a detector trained here (:func:`train_proposer`) on what a
-real deployment has: a generic detection corpus (the sample world's, standing in for COCO) plus the
-human-labeled seed.
+``auto`` — a detector trained here (:func:`train_proposer`, cached by its inputs) on what a real deployment
+has: a generic detection corpus (the sample world's, standing in for COCO) plus the human-labeled seed.
 
 Inference bypasses ultralytics' predictor: images are letterboxed and stacked into one tensor, one forward
 pass per batch, ultralytics' own NMS. That is what makes batching pay, and it is thread-safe per call.
