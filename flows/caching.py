@@ -1,9 +1,12 @@
 """Stage results cached by their inputs, not by run id: an unchanged stage costs almost nothing on a re-run.
 
 The key of a stage is a content hash of what ``dvc.yaml`` declares it depends on (its code, its input data) and
-its params sections, so the flow and ``dvc repro`` agree on what "changed" means. Stages whose inputs live
-outside the project (collect reads the user's sources; evaluate and promote read the registry's champion) either
-are not cached (collect: its own skip index makes a re-run cheap) or have that outside state in their key.
+its params sections, so the flow and ``dvc repro`` agree on what "changed" means. Two stages read state from
+outside the project: collect reads the user's sources (never cached: its own skip index makes a re-run cheap) and
+promote reads the registry's champion (its alias is part of the key). evaluate is keyed like ``dvc repro`` keys
+it, without the champion: when the champion moved since the evaluation, the gate compares with the champion's
+figures recorded at its promotion (:func:`wanwu.registry.promote`), so a re-run with nothing changed re-evaluates
+nothing.
 Wiring only: the stage functions are untouched; Prefect stores the results (JSON) and looks the keys up.
 """
 
@@ -18,7 +21,7 @@ from typing import Any
 import yaml
 
 UNCACHED = {"collect"}  # sources change outside the flow's view; collect skips seen inputs itself
-REGISTRY_STATE = {"evaluate", "promote"}  # they read the champion alias: part of their key
+REGISTRY_STATE = {"promote"}  # it moves the champion alias: the alias is part of its key
 _IGNORED_SUFFIXES = (".cache", ".tmp", ".lock")
 
 

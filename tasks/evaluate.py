@@ -118,6 +118,9 @@ def run(params: EvaluateParams, project: ProjectParams) -> EvaluateResult:
         metrics = {
             "gold": {"data": str(data), "split": params.split, "images": n_images, "imgsz": imgsz},
             "best": best,
+            # the best candidate's figures at the top level: `dvc exp show --sort-by` ranks a sweep by them
+            "best_mAP50": models[best][ev.MAP50] if best else None,
+            "best_mAP50-95": models[best][ev.MAP] if best else None,
             "champion_version": champion_version,
             "models": models,
         }
