@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export YOLO_OFFLINE := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: repro run test test-fast bench lint format doctor lock clean help
+.PHONY: repro sweep distill-study run test test-fast bench lint format doctor lock clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -34,6 +34,9 @@ test-fast: $(STAMP)  ## the suite without the slow (training / export) tests
 bench: $(STAMP)  ## every benchmark, each against a baseline measured in the same run → bench/results/
 	$(PY) -m bench
 
+distill-study: $(STAMP)  ## baseline vs distilled student on the gold set, 3 seeds (after make run) → bench/results/
+	$(PY) -m bench.study_distill
+
 lint: $(STAMP)  ## ruff lint and format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
@@ -55,3 +58,14 @@ clean:  ## remove run outputs (keeps the virtual environment)
 
 repro: $(STAMP)  ## the same pipeline through DVC (dvc repro), with the project's environment on PATH
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# A sweep through DVC's experiment queue, up to evaluate (promotion is a decision, not a sweep axis). Needs the
+# baseline committed (`make repro`, then `git add dvc.lock data/.gitignore && git commit`): queued experiments
+# start from HEAD. Every experiment logs to this project's MLflow store. Pick one: `dvc exp apply <name>`.
+GRID ?= -S 'train.lr0=0.001,0.002' -S 'train.imgsz=192,256'
+RANK := data/evaluate/metrics.json:best_mAP50-95
+sweep: $(STAMP)  ## queue a grid (GRID="-S 'train.lr0=0.001,0.002' ...") with dvc exp, run it, rank by gold mAP50-95
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc exp run --queue $(GRID) evaluate
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" MLFLOW_TRACKING_URI="sqlite:///$(CURDIR)/mlflow.db" \
+	  $(VENV)/bin/dvc exp run --run-all --jobs 1
+	$(VENV)/bin/dvc exp show --no-pager --sort-by $(RANK) --sort-order desc --only-changed
