@@ -103,6 +103,7 @@ def fit_stage(
             data,
             out_dir,
             model=start_model,
+            model_param=f"{stage}.model",
             device=project.device,
             trainer_factory=trainer_factory,
             progress=stage,

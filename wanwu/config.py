@@ -505,7 +505,7 @@ class Params(_Section):
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
-    lines = [f"{path}: {err.error_count()} invalid value(s):"]
+    lines = [f"{path}: {err.error_count()} invalid value(s); fix each key below in this file:"]
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":

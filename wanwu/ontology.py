@@ -87,7 +87,7 @@ class Ontology(BaseModel):
                 if key in seen and seen[key] != c.id:
                     raise ValueError(
                         f"the name {name!r} belongs to class {seen[key]} and class {c.id}: "
-                        "a name or synonym may name one class only"
+                        "a name or synonym may name one class only. Fix: keep it in one class, remove it from the other"
                     )
                 seen[key] = c.id
         return self

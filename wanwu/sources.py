@@ -549,7 +549,15 @@ def _parse_yolo(
             continue
         if names and cls not in names:
             where = yml.name if yml else "the names"
-            bad.append(Rejected(ref, BAD_ANNOTATION, f"class id {cls} is not in {where} (0..{max(names)})", boxes=1))
+            bad.append(
+                Rejected(
+                    ref,
+                    BAD_ANNOTATION,
+                    f"class id {cls} is not in {where} (0..{max(names)}). Fix: add id {cls} to `names` in {yml}, "
+                    "or correct the id on this line.",
+                    boxes=1,
+                )
+            )
             continue
         name = names.get(cls, str(cls))
         boxes.append(RawBox(x1, y1, x2, y2, name=name, label_id=mapper(name), normalized=True, ref=ref))
@@ -563,30 +571,42 @@ def iter_yolo(path: Path, split: str, mapper: ClassMapper, stats: Counter) -> It
         stats["yolo_no_names"] += 1  # class ids become names "0", "1", … (map them with class_map)
     images_dir = root / "images"
     image_paths = [p for p in _walk(images_dir if images_dir.is_dir() else root) if is_image_name(p.name)]
-    seen_labels: set[Path] = set()
-    for img in image_paths:
-        label = _yolo_label_path(img)
+    pairs = [(img, _yolo_label_path(img)) for img in image_paths]
+    seen_labels = {label.resolve() for _, label in pairs if label.is_file()}
+    labels_dir = root / "labels"
+    orphans = [
+        label
+        for label in (_walk(labels_dir) if labels_dir.is_dir() else [])
+        if label.suffix == ".txt"
+        and label.name != "classes.txt"
+        and label.resolve() not in seen_labels
+        and _yolo_image_for(label) is None  # an image outside images/ is read by another source
+    ]
+    if orphans and not seen_labels:
+        # Not one image found its label file: every image would enter as a labeled background (no objects).
+        raise SourceError(
+            f"{labels_dir}: {len(orphans)} label file(s) but not one matches an image under "
+            f"{images_dir if images_dir.is_dir() else root} (e.g. {orphans[0].relative_to(root)} expects "
+            f"{Path(_yolo_image_for_hint(orphans[0])).relative_to(root)}; {len(image_paths)} image(s) found). "
+            "Fix: mirror the images/ folders under labels/ with one <image stem>.txt per image, or point the "
+            "source at the dataset folder that holds both images/ and labels/."
+        )
+    for img, label in pairs:
         if label.is_file():
-            seen_labels.add(label.resolve())
             boxes, bad = _parse_yolo(label, names, mapper, yml)
         else:
             boxes, bad = [], []  # no label file: a background image, as ultralytics reads it
         yield _file_item(img, split, boxes=boxes, box_rejects=bad, key_extra=_label_sig(label))
-    labels_dir = root / "labels"
-    if labels_dir.is_dir():
-        for label in _walk(labels_dir):
-            if label.suffix != ".txt" or label.name == "classes.txt" or label.resolve() in seen_labels:
-                continue
-            if _yolo_image_for(label) is not None:
-                continue  # its image exists outside images/ (read by another source)
-            n = sum(1 for line in label.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
-            yield Rejected(
-                str(label),
-                MISSING_FILE,
-                f"label file with {n} box(es) but no image at {_yolo_image_for_hint(label)}",
-                key=_file_key(label)[0],
-                boxes=n,
-            )
+    for label in orphans:
+        n = sum(1 for line in label.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
+        yield Rejected(
+            str(label),
+            MISSING_FILE,
+            f"label file with {n} box(es) but no image at {_yolo_image_for_hint(label)}. Fix: put the image there "
+            "(same stem, any image extension), or delete the label file.",
+            key=_file_key(label)[0],
+            boxes=n,
+        )
 
 
 def _yolo_image_for_hint(label: Path) -> str:
@@ -630,7 +650,9 @@ def iter_voc(path: Path, split: str, mapper: ClassMapper, stats: Counter) -> Ite
         try:
             tree = ElementTree.parse(xml).getroot()
         except (ElementTree.ParseError, OSError) as e:
-            yield Rejected(str(xml), BAD_ANNOTATION, f"XML unreadable: {e}", key=xkey)
+            yield Rejected(
+                str(xml), BAD_ANNOTATION, f"XML unreadable: {e}. Fix: repair or re-export the XML.", key=xkey
+            )
             continue
         objects = tree.findall("object")
         fname = (tree.findtext("filename") or "").strip() or xml.stem
@@ -639,7 +661,8 @@ def iter_voc(path: Path, split: str, mapper: ClassMapper, stats: Counter) -> Ite
             yield Rejected(
                 str(xml),
                 MISSING_FILE,
-                f"names image {fname!r}, not found in {', '.join(str(d) for d in image_dirs)}",
+                f"names image {fname!r}, not found in {', '.join(str(d) for d in image_dirs)}. Fix: put "
+                f"{fname} in images/ (or JPEGImages/), or correct <filename> in this XML.",
                 key=xkey,
                 boxes=len(objects),
             )
@@ -689,10 +712,19 @@ def iter_coco(path: Path, split: str, mapper: ClassMapper, stats: Counter) -> It
         cats = {int(c["id"]): str(c["name"]) for c in data.get("categories", [])}
         anns = data.get("annotations", [])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        yield Rejected(str(js), BAD_ANNOTATION, f"not a readable COCO json ({type(e).__name__}: {e})", key=jkey)
+        yield Rejected(
+            str(js),
+            BAD_ANNOTATION,
+            f"not a readable COCO json ({type(e).__name__}: {e}). Fix: export it again as COCO instances json "
+            "(a mapping with `images`, `annotations` and `categories`).",
+            key=jkey,
+        )
         return
     by_image: dict[int, list[RawBox]] = {i: [] for i in images}
     bad_by_image: dict[int, list[Rejected]] = {i: [] for i in images}
+    early: list[Rejected] = []  # annotations that belong to no image
+    stray_images: list[int] = []
+    stray_cats: list[int] = []
     for k, ann in enumerate(anns):
         ref = f"{js}#annotation{ann.get('id', k)}"
         try:
@@ -700,26 +732,40 @@ def iter_coco(path: Path, split: str, mapper: ClassMapper, stats: Counter) -> It
             x, y, w, h = (float(v) for v in ann["bbox"])
             cat = int(ann["category_id"])
         except (KeyError, ValueError, TypeError) as e:
-            yield Rejected(
-                ref,
-                BAD_ANNOTATION,
-                f"{js.name}: annotation {k} unreadable ({type(e).__name__}: {e})",
-                key=jkey,
-                boxes=1,
+            early.append(
+                Rejected(
+                    ref,
+                    BAD_ANNOTATION,
+                    f"{js.name}: annotation {k} unreadable ({type(e).__name__}: {e}). Fix: give it image_id, "
+                    "category_id and bbox [x, y, width, height] as numbers.",
+                    key=jkey,
+                    boxes=1,
+                )
             )
             continue
         if image_id not in images:
-            yield Rejected(
-                ref,
-                BAD_ANNOTATION,
-                f"{js.name}: annotation {ann.get('id', k)} has image_id {image_id}, which no entry of `images` has",
-                key=jkey,
-                boxes=1,
+            stray_images.append(image_id)
+            early.append(
+                Rejected(
+                    ref,
+                    BAD_ANNOTATION,
+                    f"{js.name}: annotation {ann.get('id', k)} has image_id {image_id}, which no entry of `images` "
+                    "has. Fix: add that image to `images`, or correct the annotation's image_id.",
+                    key=jkey,
+                    boxes=1,
+                )
             )
             continue
         if cat not in cats:
+            stray_cats.append(cat)
             bad_by_image[image_id].append(
-                Rejected(ref, BAD_ANNOTATION, f"{js.name}: category_id {cat} is not in `categories`", boxes=1)
+                Rejected(
+                    ref,
+                    BAD_ANNOTATION,
+                    f"{js.name}: annotation {ann.get('id', k)} has category_id {cat}, which is not in `categories` "
+                    f"(ids {_id_range(cats)}). Fix: add category {cat} to `categories`, or correct the category_id.",
+                    boxes=1,
+                )
             )
             continue
         if ann.get("iscrowd"):
@@ -742,6 +788,22 @@ def iter_coco(path: Path, split: str, mapper: ClassMapper, stats: Counter) -> It
                 ref=ref,
             )
         )
+    # Ids that match nothing at all mean the parts come from different files: importing the images would label
+    # every one of them "no objects", so the whole file is refused instead of rejected box by box.
+    if anns and len(stray_images) == len(anns):
+        raise SourceError(
+            f"{js}: not one of its {len(anns)} annotations has an image_id that is in `images` (annotations point "
+            f"at ids {_id_range(stray_images)}, `images` has {_id_range(images)}). Fix: use the json whose `images` "
+            "and `annotations` were exported together, or renumber one side so the ids match."
+        )
+    placed = len(anns) - len(early)
+    if placed and len(stray_cats) == placed:
+        raise SourceError(
+            f"{js}: not one of its annotations has a category_id that is in `categories` (annotations use "
+            f"{_id_range(stray_cats)}, `categories` has {_id_range(cats) if cats else 'none'}). Fix: add the "
+            "`categories` list these annotations were made with, or correct their category_id."
+        )
+    yield from early
     dirs = [js.parent, js.parent / "images", js.parent.parent / "images", js.parent.parent]
     if path.is_dir():
         dirs = [path / "images", path, *dirs]
@@ -753,12 +815,23 @@ def iter_coco(path: Path, split: str, mapper: ClassMapper, stats: Counter) -> It
             yield Rejected(
                 f"{js}#image{image_id}",
                 MISSING_FILE,
-                f"{js.name}: image {image_id} file_name {fname!r} not found beside the json or in images/",
+                f"{js.name}: image {image_id} file_name {fname!r} not found beside the json or in images/. "
+                f"Fix: put the file in {js.parent / 'images'}, or correct its file_name.",
                 key=jkey,
                 boxes=n,
             )
             continue
         yield _file_item(img, split, boxes=by_image[image_id], box_rejects=bad_by_image[image_id], key_extra=jkey)
+
+
+def _id_range(ids: Any) -> str:
+    """A few ids for a message: ``1..3`` for a run, else the first ones."""
+    u = sorted(set(ids))
+    if not u:
+        return "none"
+    if len(u) > 2 and u[-1] - u[0] == len(u) - 1:
+        return f"{u[0]}..{u[-1]}"
+    return ", ".join(map(str, u[:5])) + (f", … ({len(u)} ids)" if len(u) > 5 else "")
 
 
 # -- class folders

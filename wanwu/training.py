@@ -286,6 +286,7 @@ def fit(
     progress: str | None = "train",
     mlflow_fallback: bool = True,
     callbacks: dict[str, Callable] | None = None,
+    model_param: str = "model",
     **ultralytics_args: Any,
 ) -> FitResult:
     """Train a detector on ``data_yaml`` into ``out_dir/run`` and copy the best weights to ``out_dir/best.pt``.
@@ -297,9 +298,12 @@ def fit(
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils import callbacks as ul_callbacks
 
-    from wanwu.checkpoints import check_model_source
+    from wanwu.checkpoints import check_model_source, load_ultralytics
 
-    model = check_model_source(model, "model")  # a wrong file fails here with its name, not deep in ultralytics
+    # a wrong file fails here, named with the param that points at it (``model_param``), not deep in ultralytics
+    model = check_model_source(model, model_param)
+    if str(model).endswith(".pt"):  # a PyTorch file that is no ultralytics checkpoint (a state_dict) fails here too
+        load_ultralytics(model, model_param, fuse=False)
     out_dir = Path(out_dir).resolve()
     run_dir = out_dir / "run"
     last = run_dir / "weights" / "last.pt"

@@ -105,13 +105,17 @@ class Proposer:
         batch_size: int = 16,
     ):
         import torch
-        from ultralytics.nn.tasks import load_checkpoint
+
+        from wanwu.checkpoints import CheckpointError, load_ultralytics
 
         self.weights = Path(weights)
         if not self.weights.is_file():
             raise ProposerError(f"{self.weights}: proposer checkpoint not found. Set autolabel.proposer to a .pt file.")
         self.device = resolve_device(device)
-        model, ckpt = load_checkpoint(self.weights, device=self.device, fuse=True)
+        try:
+            model, ckpt = load_ultralytics(self.weights, "autolabel.proposer", device=self.device)
+        except CheckpointError as e:
+            raise ProposerError(str(e)) from e
         task = getattr(model, "task", "detect")
         if task != "detect":
             raise ProposerError(f"{self.weights}: a {task} checkpoint, not a detector. Give a detection checkpoint.")

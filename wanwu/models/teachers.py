@@ -225,12 +225,15 @@ class UltralyticsClassifier(Teacher):
 
     def __init__(self, path: str | Path, name: str | None = None, imgsz: int | None = None, **kw: Any):
         super().__init__(name or Path(path).stem, **kw)
-        from ultralytics.nn.tasks import load_checkpoint
+        from wanwu.checkpoints import CheckpointError, load_ultralytics
 
         self.path = Path(path)
         if not self.path.is_file():
             raise TeacherError(f"{self.path}: ultralytics classification checkpoint not found.")
-        model, ckpt = load_checkpoint(self.path, device=self.device, fuse=True)
+        try:
+            model, ckpt = load_ultralytics(self.path, "teacher path", device=self.device)
+        except CheckpointError as e:
+            raise TeacherError(str(e)) from e
         if getattr(model, "task", None) != "classify":
             raise TeacherError(f"{self.path}: a {getattr(model, 'task', '?')} checkpoint, not a classifier (*-cls).")
         self.model = model.float().eval()
