@@ -7,10 +7,14 @@ so this module re-does the three steps ultralytics wraps around the graph, the s
   thread); the padding, BGR→RGB, HWC→CHW and the /255 are done once for the whole batch on one array. When the
   graph has dynamic height/width the batch is padded only to the stride-aligned size its largest image needs
   (ultralytics' "minimum rectangle"), so wide photos do not pay for a square canvas;
-- the graph: one ``InferenceSession.run`` per batch;
-- decoding: best class per anchor, confidence filter, class-aware NMS (numpy, greedy, vectorised IoU), and the
-  boxes mapped back to the original image's pixels. Graphs exported with ``nms=True`` or end-to-end heads
-  (``[B, max_det, 6]`` outputs) skip the NMS.
+- the graph: one ``InferenceSession.run`` per batch. Before the session is built, a Softmax over an inner axis (the
+  DFL box head's, over its 16 bins) is written as the same arithmetic in reductions
+  (:func:`inner_softmax_as_reductions`): onnxruntime's CPU Softmax transposes the tensor for an axis that is not
+  the last, and spent about a tenth of the whole graph's time there;
+- decoding: best class per anchor, confidence filter, class-aware greedy NMS (OpenCV's
+  ``cv2.dnn.NMSBoxesBatched``: the same greedy rule as ultralytics' ``torchvision.ops.nms`` with per-class
+  offsets, in C++), and the boxes mapped back to the original image's pixels. Graphs exported with ``nms=True``
+  or end-to-end heads (``[B, max_det, 6]`` outputs) skip the NMS.
 
 Class names, ``imgsz`` and ``stride`` come from the metadata ultralytics writes into the ONNX file.
 """
@@ -22,11 +26,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 PAD_VALUE = 114  # ultralytics' letterbox grey
-MAX_WH = 7680  # per-class box offset for class-aware NMS (ultralytics' value)
 MAX_NMS = 30000  # candidates kept for NMS, by confidence
 
 
@@ -65,24 +69,63 @@ def _literal(meta: dict[str, str], key: str, default: object = None) -> object:
         return meta[key]
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy NMS: indices kept, best first. One vectorised IoU row per kept box."""
-    order = np.argsort(-scores, kind="stable")
-    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
-    keep: list[int] = []
-    while order.size:
-        i = order[0]
-        keep.append(int(i))
-        rest = order[1:]
-        if not rest.size:
-            break
-        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
-        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
-        inter = w * h
-        iou = inter / (areas[i] + areas[rest] - inter + 1e-7)
-        order = rest[iou <= iou_threshold]
-    return np.asarray(keep, dtype=np.int64)
+def batched_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Class-aware greedy NMS (xyxy boxes): indices kept, best first, ties in input order.
+
+    OpenCV's C++ loop, the rule of ``torchvision.ops.nms`` that ultralytics calls (suppress IoU > threshold, best
+    score first). A numpy loop pays a round of array calls per kept box: 0.27 ms for 80 candidates against 0.015.
+    """
+    import cv2
+
+    if not len(scores):
+        return np.zeros((0,), np.int64)
+    xywh = np.empty((len(boxes), 4), np.float64)
+    xywh[:, :2] = boxes[:, :2]
+    xywh[:, 2:] = boxes[:, 2:] - boxes[:, :2]
+    # score_threshold -1: the confidence filter has been applied already, keep every candidate
+    kept = cv2.dnn.NMSBoxesBatched(xywh, scores.astype(np.float32), classes.astype(np.int32), -1.0, iou_threshold)
+    return np.asarray(kept, np.int64).reshape(-1)
+
+
+def inner_softmax_as_reductions(model: Any) -> int:
+    """Rewrite in place each Softmax over a non-last axis as exp(x − max) / Σ exp(x − max) along that axis.
+
+    The same arithmetic onnxruntime's kernel does, as ReduceMax, Sub, Exp, ReduceSum, Div, which run along the axis
+    where the tensor lies instead of transposing it there and back: on YOLO's DFL head, (B, 16, 4, anchors) over
+    axis 1, 0.2 ms instead of 0.8 ms per image on one core; outputs agree to float rounding (about 1e-6 relative).
+    Needs opset ≥ 13 (older Softmax flattens the trailing axes); returns the number rewritten. A positive axis that
+    happens to be the last is rewritten too (as correct, about as fast): knowing ranks would need onnx's shape
+    inference, which holds the GIL for tens of ms while the server is answering requests.
+    """
+    from onnx import helper, numpy_helper
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13 or not any(n.op_type == "Softmax" for n in model.graph.node):
+        return 0
+    nodes, done = [], 0
+    for node in model.graph.node:
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1)
+        if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx") or axis == -1:
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        p = f"{node.name or y}/wanwu"
+        model.graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), f"{p}/axes"))
+        if opset >= 18:  # ReduceMax takes its axes as an input from opset 18, ReduceSum from 13
+            nodes.append(helper.make_node("ReduceMax", [x, f"{p}/axes"], [f"{p}/max"], name=f"{p}/max", keepdims=1))
+        else:
+            nodes.append(helper.make_node("ReduceMax", [x], [f"{p}/max"], name=f"{p}/max", axes=[axis], keepdims=1))
+        nodes += [
+            helper.make_node("Sub", [x, f"{p}/max"], [f"{p}/sub"], name=f"{p}/sub"),
+            helper.make_node("Exp", [f"{p}/sub"], [f"{p}/exp"], name=f"{p}/exp"),
+            helper.make_node("ReduceSum", [f"{p}/exp", f"{p}/axes"], [f"{p}/sum"], name=f"{p}/sum", keepdims=1),
+            helper.make_node("Div", [f"{p}/exp", f"{p}/sum"], [y], name=f"{p}/div"),
+        ]
+        done += 1
+    if done:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return done
 
 
 class OnnxDetector:
@@ -115,7 +158,7 @@ class OnnxDetector:
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=list(providers))
+            self.session = ort.InferenceSession(self._graph(), so, providers=list(providers))
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise OnnxModelError(f"{self.path}: onnxruntime cannot load it ({e}). Re-export the model.") from e
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -155,6 +198,18 @@ class OnnxDetector:
         self.conf = float(conf)
         self.iou = float(iou)
         self.max_det = int(max_det)
+
+    def _graph(self) -> str | bytes:
+        """The file, or its bytes with inner-axis Softmaxes rewritten (:func:`inner_softmax_as_reductions`)."""
+        import onnx
+
+        try:
+            model = onnx.load(str(self.path))
+        except Exception:  # not readable by onnx: onnxruntime's own error is the clearer one
+            return str(self.path)
+        if inner_softmax_as_reductions(model) == 0 or model.ByteSize() > 1 << 30:
+            return str(self.path)
+        return model.SerializeToString()
 
     # ---- preprocessing ---------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray) -> Prepared:
@@ -219,11 +274,10 @@ class OnnxDetector:
     def postprocess(self, out: np.ndarray, items: Sequence[Prepared], pads: np.ndarray) -> list[Detections]:
         if self.end2end or (out.ndim == 3 and out.shape[-1] == 6 and out.shape[1] != 4 + len(self.names)):
             return self._post_end2end(out, items, pads)
-        nc = out.shape[1] - 4
-        pred = out.transpose(0, 2, 1)  # (B, anchors, 4+nc)
-        cls_scores = pred[..., 4 : 4 + nc]
-        best = cls_scores.argmax(-1)  # (B, anchors), whole batch at once
-        conf = np.take_along_axis(cls_scores, best[..., None], -1)[..., 0]
+        # out: (B, 4+nc, anchors). The best score per anchor is a reduction over axis 1, contiguous along the
+        # anchors; the argmax (which class) is taken only for the few anchors above the threshold.
+        cls_scores = out[:, 4:]
+        conf = cls_scores.max(1)  # (B, anchors), whole batch at once
         keep_mask = conf > self.conf
         results = []
         for k, p in enumerate(items):
@@ -235,12 +289,12 @@ class OnnxDetector:
             if idx.size > MAX_NMS:
                 top = np.argsort(-scores)[:MAX_NMS]
                 idx, scores = idx[top], scores[top]
-            xywh = pred[k, idx, :4]
+            classes = cls_scores[k][:, idx].argmax(0)
+            xywh = out[k, :4, idx]  # (n, 4): advanced indexing puts the anchor axis first
             boxes = np.empty_like(xywh)
             boxes[:, :2] = xywh[:, :2] - xywh[:, 2:] / 2
             boxes[:, 2:] = xywh[:, :2] + xywh[:, 2:] / 2
-            classes = best[k, idx]
-            kept = nms(boxes + (classes * MAX_WH)[:, None].astype(boxes.dtype), scores, self.iou)[: self.max_det]
+            kept = batched_nms(boxes, scores, classes, self.iou)[: self.max_det]
             results.append(self._unletterbox(boxes[kept], scores[kept], classes[kept], p, pads[k]))
         return results
 
