@@ -22,7 +22,7 @@ import yaml
 
 UNCACHED = {"collect"}  # sources change outside the flow's view; collect skips seen inputs itself
 REGISTRY_STATE = {"promote"}  # it moves the champion alias: the alias is part of its key
-_IGNORED_SUFFIXES = (".cache", ".tmp", ".lock")
+_IGNORED_SUFFIXES = (".cache", ".tmp", ".lock", ".pyc")
 
 
 def _hash_path(h: Any, path: Path) -> None:
@@ -33,7 +33,8 @@ def _hash_path(h: Any, path: Path) -> None:
                 h.update(block)
     elif path.is_dir():
         for dirpath, dirnames, filenames in os.walk(path):
-            dirnames.sort()
+            # Python writes __pycache__ into code folders when it imports them: not a change (.dvcignore agrees)
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
             for name in sorted(filenames):
                 if name.endswith(_IGNORED_SUFFIXES) or name.startswith("."):
                     continue
