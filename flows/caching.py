@@ -76,16 +76,25 @@ def stage_key(root: Path, stage: str, params: Any) -> str | None:
             h.update(json.dumps(record.model_dump(mode="json"), sort_keys=True, default=str).encode())
     for dep in spec.get("deps") or []:
         _hash_path(h, root / dep)
-    for out in spec.get("outs") or []:  # outputs deleted by hand mean the stage must run again
-        name = out if isinstance(out, str) else next(iter(out))
-        h.update(f"{name}:{(root / name).exists()}".encode())
     if stage in REGISTRY_STATE:
         h.update(_champion().encode())
     return f"wanwu-{stage}-{h.hexdigest()}"
 
 
-def cached(task: Any, key: str | None) -> Any:
-    """``task`` with its result cached under ``key`` (persisted as JSON), or ``task`` itself when key is None."""
+def missing_outputs(root: Path, stage: str) -> list[str]:
+    """The outputs ``dvc.yaml`` declares for ``stage`` that are not on disk (deleted by hand, or never made).
+
+    Not part of the key: before a first run every output is missing, so the key would never match the next run's.
+    """
+    names = [out if isinstance(out, str) else next(iter(out)) for out in stage_spec(root, stage).get("outs") or []]
+    return [name for name in names if not (Path(root) / name).exists()]
+
+
+def cached(task: Any, key: str | None, refresh: bool = False) -> Any:
+    """``task`` with its result cached under ``key`` (persisted as JSON), or ``task`` itself when key is None.
+
+    ``refresh``: run even when the key is known (its outputs are gone) and store the new result under it.
+    """
     if key is None:
         return task
     from prefect.cache_policies import CacheKeyFnPolicy
@@ -94,4 +103,5 @@ def cached(task: Any, key: str | None) -> Any:
         cache_policy=CacheKeyFnPolicy(cache_key_fn=lambda *_: key),
         persist_result=True,
         result_serializer="json",
+        refresh_cache=refresh,
     )

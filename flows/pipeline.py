@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.caching import cached, stage_key
+from flows.caching import cached, missing_outputs, stage_key
 from flows.dispatch import run_stage, runs_remotely
 from wanwu.config import STAGES, load_params
 
@@ -58,7 +58,8 @@ def pipeline(
                 if runs_remotely(stage, params.orchestration):  # a deployment on the gpu pool
                     results[stage] = run_stage(stage, params, params_path=params_path, overrides=overrides)
                 else:
-                    task = cached(getattr(module, f"{stage}_task"), stage_key(root, stage, params))
+                    key, refresh = stage_key(root, stage, params), bool(missing_outputs(root, stage))
+                    task = cached(getattr(module, f"{stage}_task"), key, refresh=refresh)
                     results[stage] = task(getattr(params, stage), params.project)
                 timings[stage] = time.perf_counter() - started
                 mlflow.log_metric(f"seconds_{stage}", timings[stage])

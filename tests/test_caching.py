@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from flows.caching import cached, stage_key
+from flows.caching import cached, missing_outputs, stage_key
 
 
 class _Section(BaseModel):
@@ -78,3 +78,34 @@ def test_a_cached_task_does_not_run_again_for_the_same_key(root: Path):
     assert a == b == c == _Section(epochs=7)
     assert isinstance(b, _Section)  # the JSON-persisted result comes back typed
     assert len(calls) == 2  # the second run was a cache hit; new data ran it again
+
+
+def test_a_stage_that_made_its_outputs_is_a_hit_next_time_and_runs_again_when_they_are_deleted(root: Path):
+    """The first run makes the outputs; the next run with nothing changed must still find its result."""
+    from prefect import flow, task
+    from prefect.testing.utilities import prefect_test_harness
+
+    calls = []
+
+    @task
+    def work(x: int) -> int:
+        calls.append(x)
+        (root / "out").write_text("made")
+        return x
+
+    @flow
+    def f() -> int:
+        key, refresh = stage_key(root, "train", _Params()), bool(missing_outputs(root, "train"))
+        return cached(work, key, refresh=refresh)(3)
+
+    with prefect_test_harness(server_startup_timeout=180):
+        assert missing_outputs(root, "train") == ["out"]
+        f()
+        assert missing_outputs(root, "train") == []
+        f()  # nothing changed: a hit, although "out" did not exist when the first key was made
+        assert len(calls) == 1
+        (root / "out").unlink()
+        f()  # the output was deleted by hand: the stage runs again under the same key
+        assert len(calls) == 2 and (root / "out").is_file()
+        f()
+    assert len(calls) == 2
