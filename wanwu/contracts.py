@@ -132,13 +132,45 @@ def write(name: str, df: pd.DataFrame, path: str | Path) -> Path:
     return write_atomic(to_table(name, df), path)
 
 
+def temp_beside(path: Path, stem: str | None = None) -> tuple[int, str]:
+    """A temp file beside ``path`` named ``.<stem>.<pid>.<random>.tmp``: :func:`remove_stale_temps` can tell
+    whether its writer is still alive."""
+    return tempfile.mkstemp(prefix=f".{stem or path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+
+
+def remove_stale_temps(folder: Path, stem: str = "") -> int:
+    """Remove the temp files (of :func:`temp_beside`) in ``folder`` whose writer is gone, e.g. killed mid-write.
+
+    Such a file was never renamed and never will be; left alone, DVC would track it with the outputs (found by
+    tests/test_faults.py). A live writer's file, this process's included, is left alone.
+    """
+    n = 0
+    for tmp in Path(folder).glob(f".{stem}*.tmp"):
+        try:
+            pid = int(tmp.name.split(".")[-3])
+        except (ValueError, IndexError):
+            continue  # not named by temp_beside
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # alive
+        except PermissionError:
+            continue  # alive, another user's
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def write_atomic(table: pa.Table | pd.DataFrame, path: str | Path) -> Path:
     """Write a Parquet table through a temp file and a rename: a killed process never leaves half a table."""
     path = Path(path)
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path.parent, path.name)
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         pq.write_table(table, tmp)

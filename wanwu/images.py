@@ -15,7 +15,6 @@ import hashlib
 import io
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+from wanwu import contracts
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a reject, not a grey-bottomed image
 
@@ -301,17 +302,40 @@ def raw_relpath(sha256: str) -> str:
     return f"raw/{sha256[:2]}/{sha256}.jpg"
 
 
+_JPEG_END = b"\xff\xd9"  # EOI: the last marker of a complete JPEG
+_SWEPT: set[str] = set()
+
+
+def _complete_jpeg(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            f.seek(-2, os.SEEK_END)
+            return f.read(2) == _JPEG_END
+    except OSError:
+        return False
+
+
 def store(image: Image.Image, data_dir: Path, sha256: str, quality: int) -> tuple[str, bool]:
-    """Write the picture once as JPEG under raw/, atomically (temp file + rename). Returns (relpath, written)."""
+    """Write the picture once as JPEG under raw/, atomically (temp file + rename). Returns (relpath, written).
+
+    Encoded in memory, then written by Python: PIL writing to a file descriptor ignores a short write (a disk
+    filling up mid-file), which left a truncated JPEG under its final name (found by tests/test_faults.py). A file
+    already there counts only when it ends with the JPEG end marker.
+    """
     rel = raw_relpath(sha256)
     dest = Path(data_dir) / rel
-    if dest.is_file() and dest.stat().st_size > 0:
+    if dest.is_file() and _complete_jpeg(dest):
         return rel, False
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality, optimize=False)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{sha256[:12]}.", suffix=".tmp", dir=dest.parent)
+    if str(dest.parent) not in _SWEPT:  # once per folder and process: a killed run's temp files go
+        contracts.remove_stale_temps(dest.parent)
+        _SWEPT.add(str(dest.parent))
+    fd, tmp = contracts.temp_beside(dest, sha256[:12])
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, "JPEG", quality=quality, optimize=False)
+            f.write(buf.getbuffer())
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

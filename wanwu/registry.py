@@ -649,6 +649,8 @@ def promote(
         champ = get_alias(CHAMPION, client)
         before = champ.version if champ else None
         if champ is not None and champ.version == version:
+            if _last_move() != version:  # moved by a process killed before it recorded the decision
+                return _finish_interrupted(client, mv, candidate_metrics)
             return Decision(UNCHANGED, model_name(), version, before, before, f"version {version} is already champion")
         problems = verify_version(mv)
         candidate = candidate_metrics or version_metrics(mv)
@@ -711,6 +713,29 @@ def promote(
         record(decision)
     if decision.decision == REFUSED:
         raise PromotionRefused(decision)
+    return decision
+
+
+def _last_move() -> str | None:
+    """The champion the history's last promotion or rollback left (None when it records none)."""
+    moves = [r for r in history() if r["decision"] in (PROMOTED, ROLLED_BACK, MANUAL_ROLLBACK)]
+    return moves[-1]["champion_after"] if moves else None
+
+
+def _finish_interrupted(client: Any, mv: Any, candidate_metrics: dict[str, Any] | None) -> Decision:
+    """Record a promotion whose process was killed after it moved the alias but before it recorded the decision.
+
+    Without this the re-run found the version already champion and returned ``unchanged``, and the history never
+    said how the champion got there (found by tests/test_faults.py: a SIGKILL between the alias and the record).
+    """
+    version = mv.version
+    before = (mv.tags or {}).get(T + "promoted_over") or None
+    reason = f"version {version} became champion in a run that stopped before recording it; recorded by the re-run"
+    decision = Decision(
+        PROMOTED, model_name(), version, before, version, reason, [], _figures("candidate", candidate_metrics)
+    )
+    _set_tags(client, version, {T + "decision": PROMOTED, T + "decided_at": decision.decided_at})
+    record(decision)
     return decision
 
 
