@@ -37,6 +37,7 @@ def pipeline(
 ) -> dict[str, Any]:
     """Run the stages in order on ``params_path``; returns each stage's result."""
     from wanwu import tracking
+    from wanwu.locks import stage_lock
 
     logger = get_run_logger()
     params = load_params(params_path, overrides)
@@ -46,7 +47,11 @@ def pipeline(
 
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
-    with mlflow.start_run(run_name="pipeline", tags={"wanwu.stage": "pipeline"}) as parent:
+    # one pipeline at a time per project (a second one waits), and each stage under its own lock as `wanwu stage` takes
+    with (
+        stage_lock(root, "pipeline"),
+        mlflow.start_run(run_name="pipeline", tags={"wanwu.stage": "pipeline", **tracking.owner_tags()}) as parent,
+    ):
         os.environ[tracking.PARENT_ENV] = parent.info.run_id
         try:
             for stage in stages or STAGES:
@@ -60,7 +65,8 @@ def pipeline(
                 else:
                     key, refresh = stage_key(root, stage, params), bool(missing_outputs(root, stage))
                     task = cached(getattr(module, f"{stage}_task"), key, refresh=refresh)
-                    results[stage] = task(getattr(params, stage), params.project)
+                    with stage_lock(root, stage):
+                        results[stage] = task(getattr(params, stage), params.project)
                 timings[stage] = time.perf_counter() - started
                 mlflow.log_metric(f"seconds_{stage}", timings[stage])
                 if hasattr(module, "print_summary"):

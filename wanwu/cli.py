@@ -91,7 +91,46 @@ def stage(
     except ModuleNotFoundError:
         typer.secho(f"stage {name.value!r} is not built yet (no tasks/{name.value}.py).", fg="red", err=True)
         raise typer.Exit(2) from None
-    module.run_stage(p)
+    from wanwu.locks import StageLocked, stage_lock
+
+    try:
+        with stage_lock(params.resolve().parent, name.value):
+            module.run_stage(p)
+    except StageLocked as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(75) from None  # EX_TEMPFAIL: try again later
+    except OSError as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        typer.secho(
+            f"stage {name.value}: {full} while writing under the data folder {p.project.data_dir}. Free space "
+            f"there (`df -h {p.project.data_dir}`) and run the stage again: it resumes from what it had completed.",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(74) from None  # EX_IOERR
+
+
+def _disk_full(e: BaseException) -> str | None:
+    """'no space left on device (<file>)' when ``e`` or what caused it is a full disk, quota or file-size limit."""
+    import errno
+
+    codes = {
+        errno.ENOSPC: "no space left on device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EFBIG: "file too large",
+    }
+    seen: BaseException | None = e
+    chain: set[int] = set()
+    while seen is not None and id(seen) not in chain:
+        chain.add(id(seen))
+        if isinstance(seen, OSError):
+            what = codes.get(seen.errno or 0) or next((v for v in codes.values() if v in str(seen).lower()), None)
+            if what:
+                return f"{what} ({seen.filename})" if seen.filename else what
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @app.command()
@@ -143,8 +182,10 @@ def history(
 
     rows = registry.history()[-limit:]
     champ, prev = registry.get_alias(registry.CHAMPION), registry.get_alias(registry.PREVIOUS)
-    table = Table(title=f"{registry.model_name()}: champion {champ.version if champ else '-'}, "
-                  f"previous {prev.version if prev else '-'}")
+    table = Table(
+        title=f"{registry.model_name()}: champion {champ.version if champ else '-'}, "
+        f"previous {prev.version if prev else '-'}"
+    )
     for col in ("when (UTC)", "decision", "version", "champion", "mAP50-95 cand / champ", "reason"):
         table.add_column(col, overflow="fold")
     colour = {"promoted": "green", "refused": "red", "rolled_back": "yellow", "manual_rollback": "yellow"}

@@ -1,0 +1,81 @@
+"""One writer per stage and project: a second process running the same stage waits for the first, then resumes.
+
+Two processes writing one stage's outputs at once (two terminals, a cron job and a user, two ``wanwu run``) would
+interleave their table rewrites. The lock is a file lock (``filelock``: ``fcntl`` on POSIX, released by the kernel
+when its holder dies, so a SIGKILLed holder never leaves a stale lock) at ``.wanwu/locks/<name>.lock`` in the
+project; beside it ``<name>.owner`` says who holds it. ``dvc repro`` has its own repository lock on top.
+
+How long a second process waits is infrastructure, not an ML knob: ``$WANWU_LOCK_TIMEOUT`` seconds (default one
+hour; ``0`` fails at once). It then fails with :class:`StageLocked`, naming the lock file and its holder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from wanwu.offline import state_dir
+
+TIMEOUT_ENV = "WANWU_LOCK_TIMEOUT"
+DEFAULT_TIMEOUT = 3600.0
+
+
+class StageLocked(RuntimeError):
+    """Another process held the stage's lock for longer than this one would wait."""
+
+
+def lock_path(root: str | Path, name: str) -> Path:
+    return state_dir(Path(root)) / "locks" / f"{name}.lock"
+
+
+def _holder(owner: Path) -> str:
+    try:
+        info = json.loads(owner.read_text(encoding="utf-8"))
+        return f"pid {info['pid']} ({info['cmd']}, since {info['since']})"
+    except (OSError, ValueError, KeyError):
+        return "a process that has not written its name yet"
+
+
+@contextlib.contextmanager
+def stage_lock(root: str | Path, name: str, timeout: float | None = None) -> Iterator[Path]:
+    """Hold the project's lock for ``name`` (a stage, or ``pipeline``); wait up to ``timeout`` s if it is taken."""
+    from filelock import FileLock, Timeout
+
+    if timeout is None:
+        timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    path = lock_path(root, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    owner = path.with_suffix(".owner")
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if timeout <= 0:
+            raise StageLocked(
+                f"{name}: another process is running it in this project: {path} is held by {_holder(owner)}. "
+                f"Wait for it to finish (${TIMEOUT_ENV} sets how long to wait, in seconds) and run again."
+            ) from None
+        print(
+            f"{name}: waiting up to {timeout:.0f} s for {path}, held by {_holder(owner)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise StageLocked(
+                f"{name}: {path} was still held by {_holder(owner)} after {timeout:.0f} s. Let that run finish, "
+                f"or stop it, then run again (${TIMEOUT_ENV} sets the wait)."
+            ) from None
+    try:
+        info = {"pid": os.getpid(), "cmd": " ".join(sys.argv)[:300], "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        owner.write_text(json.dumps(info), encoding="utf-8")
+        yield path
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
