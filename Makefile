@@ -34,6 +34,9 @@ test-fast: $(STAMP)  ## the suite without the slow (training / export) tests
 bench: $(STAMP)  ## every benchmark, each against a baseline measured in the same run → bench/results/
 	$(PY) -m bench
 
+faults: $(STAMP)  ## the fault suite with more kills (WANWU_FAULTS per stage, default 5) → bench/results/faults.json
+	WANWU_FAULTS=$${WANWU_FAULTS:-5} $(PY) -m pytest -m faults -q -s
+
 distill-study: $(STAMP)  ## baseline vs distilled student on the gold set, 3 seeds (after make run) → bench/results/
 	$(PY) -m bench.study_distill
 
