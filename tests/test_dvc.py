@@ -5,29 +5,19 @@ A real DVC project in a temp git repo holding a copy of this project's sources, 
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from _dvc import ran as _ran
+from _dvc import set_params
+from _dvc import sh as _sh
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TINY = "sample://?n=10&seed=3&catalogue_train=2&catalogue_val=1&generic_train=2&generic_val=1"
 
 pytestmark = pytest.mark.slow
-
-
-def _sh(cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    env.pop("WANWU_PARENT_RUN_ID", None)
-    out = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    return out
 
 
 @pytest.fixture
@@ -50,10 +40,6 @@ def project(tmp_path: Path) -> Path:
     return root
 
 
-def _ran(out: subprocess.CompletedProcess) -> list[str]:
-    return [line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")]
-
-
 def test_repro_from_clean_then_nothing_then_only_what_a_param_touches(project: Path):
     first = _sh("dvc repro", project)
     assert _ran(first) == ["collect"]
@@ -65,9 +51,7 @@ def test_repro_from_clean_then_nothing_then_only_what_a_param_touches(project: P
     assert _ran(second) == []
     assert "up to date" in second.stdout
 
-    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
-    params["collect"]["jpeg_quality"] = 90
-    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    set_params(project, {"collect.jpeg_quality": 90})
     status = _sh("dvc status", project)
     assert "collect:" in status.stdout and "modified:" in status.stdout  # the collect params section
     third = _sh("dvc repro", project)

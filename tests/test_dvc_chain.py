@@ -12,17 +12,16 @@ import csv
 import io
 import itertools
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from _dvc import ran as _ran
+from _dvc import set_params
+from _dvc import sh as _sh
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TINY = "sample://?n=14&seed=2&size=96&catalogue_train=2&catalogue_val=1&generic_train=3&generic_val=1"
 STAGES = ["collect", "autolabel", "quality", "train", "distill", "evaluate", "export", "promote"]
 METRIC = "data/evaluate/metrics.json:best_mAP50-95"
@@ -73,28 +72,6 @@ TINY_PARAMS = {
 }
 
 
-def _sh(cmd: str, cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    for k in ("WANWU_PARENT_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "YOLO_CONFIG_DIR"):
-        env.pop(k, None)  # the project's own stores (harden() puts them under the project)
-    out = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-6000:]}\n{out.stderr[-4000:]}")
-    return out
-
-
-def _set(params: dict, dotted: str, value: object) -> None:
-    *path, last = dotted.split(".")
-    node = params
-    for key in path:
-        node = node.setdefault(key, {})
-    node[last] = value
-
-
-def _ran(out: subprocess.CompletedProcess) -> list[str]:
-    return [line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")]
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("chain") / "proj"
@@ -103,11 +80,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
     for f in ("ontology.yaml", "dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / f, root)
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params["collect"]["sources"] = [{"uri": TINY}]
-    for k, v in TINY_PARAMS.items():
-        _set(params, k, v)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    shutil.copy(REPO / "params.yaml", root)
+    set_params(root, {"collect.sources": [{"uri": TINY}], **TINY_PARAMS})
     (root / "data").mkdir()
     (root / ".gitignore").write_text("mlflow.db*\nmlartifacts/\n.wanwu/\nruns/\n__pycache__/\n", encoding="utf-8")
     _sh("git init -q && git config user.email t@t && git config user.name t", root)
@@ -129,9 +103,7 @@ def test_repro_runs_the_whole_chain_then_nothing_then_only_downstream_of_a_chang
     assert _ran(second) == []
     assert "up to date" in second.stdout
 
-    params = yaml.safe_load((chain / "params.yaml").read_text(encoding="utf-8"))
-    params["distill"]["alpha"] = 0.3
-    (chain / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    set_params(chain, {"distill.alpha": 0.3})
     # up to evaluate: a re-trained candidate would then meet the gate, which may refuse it (exit 3) by design
     third = _sh("dvc repro evaluate", chain)
     assert _ran(third) == ["distill", "evaluate"]
