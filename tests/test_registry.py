@@ -188,6 +188,37 @@ def _register(weights: Path, metrics: dict, tmp: Path, root: Path):
         return registry.log_and_register(onnx_path, pt, labels, metrics)
 
 
+def _other_bytes(weights: Path, out: Path) -> Path:
+    """The same model saved again with another date: two candidates that are not byte-identical."""
+    import torch
+
+    ckpt = torch.load(weights, map_location="cpu", weights_only=False)  # a checkpoint this test session trained
+    ckpt["date"] = "re-saved"
+    torch.save(ckpt, out)
+    return out
+
+
+def test_a_re_export_of_the_champions_weights_is_unchanged_not_refused(tmp_path, world, monkeypatch):
+    """export re-runs when its code changes; the same weights registered again must not fail the gate."""
+    from wanwu import registry
+    from wanwu.evaluation import evaluate_model
+
+    monkeypatch.setenv("WANWU_MODEL_NAME", "reexport-detector")
+    ck = world["ckpts"]
+    good = evaluate_model(ck["good"], ck["data"], imgsz=64, latency_runs=2, latency_warmup=0)
+    v1 = _register(ck["good"], good, tmp_path / "a", tmp_path)
+    assert registry.promote(v1.version, GATE).decision == "promoted"
+    v2 = _register(ck["good"], good, tmp_path / "b", tmp_path)  # same weights, new version
+    d = registry.promote(v2.version, GATE)
+    assert (d.decision, d.champion_after) == ("unchanged", v1.version)
+    assert "holds the champion's weights" in d.reason
+    assert registry.get_alias(registry.CHAMPION).version == v1.version
+    assert [r["version"] for r in registry.history()] == [v1.version]
+    v3 = _register(ck["weak"], good, tmp_path / "c", tmp_path)
+    with pytest.raises(registry.PromotionRefused):  # other weights are gated as before
+        registry.promote(v3.version, GATE)
+
+
 _PROMOTER = """
 import os, sys, time
 from pathlib import Path
@@ -219,7 +250,7 @@ def test_two_promotions_at_once_leave_exactly_one_champion(tmp_path, world, monk
     best = evaluate_model(ck["best"], ck["data"], imgsz=64, latency_runs=2, latency_warmup=0)
     v1 = _register(ck["good"], good, tmp_path / "a", tmp_path)
     va = _register(ck["best"], best, tmp_path / "b", tmp_path)
-    vb = _register(ck["best"], best, tmp_path / "c", tmp_path)
+    vb = _register(_other_bytes(ck["best"], tmp_path / "best-copy.pt"), best, tmp_path / "c", tmp_path)
     registry.promote(v1.version, GATE)
 
     env = {**os.environ, "CHAMPION_METRICS": json.dumps(good), "GATE": GATE.model_dump_json()}

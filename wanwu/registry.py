@@ -220,6 +220,12 @@ def get_version(version: str | int, client: Any = None) -> Any:
         ) from None
 
 
+def _same_weights(a: Any, b: Any) -> str | None:
+    """The weights hash two versions share, or None (versions registered before the tag never match)."""
+    ha, hb = (a.tags or {}).get(T + "weights_sha256"), (b.tags or {}).get(T + "weights_sha256")
+    return ha if ha and ha == hb else None
+
+
 def version_metrics(mv: Any) -> dict[str, Any]:
     """The gold-set figures recorded on a version at export (tag ``wanwu.metrics``)."""
     raw = (mv.tags or {}).get(T + "metrics")
@@ -460,6 +466,7 @@ def log_and_register(
         T + "onnx_file": onnx_path.name,
         T + "onnx_bytes": onnx_path.stat().st_size,
         T + "onnx_sha256": sha256_file(onnx_path),
+        T + "weights_sha256": sha256_file(weights),  # a re-export of the same weights is not a new model
         T + "onnx_model_uri": onnx_info.model_uri,
         T + "imgsz": labels.get("imgsz"),
         T + "run_id": mlflow.active_run().info.run_id,
@@ -652,6 +659,17 @@ def promote(
             if _last_move() != version:  # moved by a process killed before it recorded the decision
                 return _finish_interrupted(client, mv, candidate_metrics)
             return Decision(UNCHANGED, model_name(), version, before, before, f"version {version} is already champion")
+        if champ is not None and (same := _same_weights(mv, champ)):
+            # export re-ran (its code changed) on unchanged weights: nothing to gate, nothing to move
+            return Decision(
+                UNCHANGED,
+                model_name(),
+                version,
+                before,
+                before,
+                f"version {version} holds the champion's weights (version {champ.version}, weights sha256 "
+                f"{same[:12]}…): nothing to promote",
+            )
         problems = verify_version(mv)
         candidate = candidate_metrics or version_metrics(mv)
         note = ""
