@@ -220,10 +220,23 @@ def get_version(version: str | int, client: Any = None) -> Any:
         ) from None
 
 
+def _weights_sha256(mv: Any) -> str | None:
+    """The version's weights hash: its tag, or (versions registered before the tag) its model.pt artifact's."""
+    if tag := (mv.tags or {}).get(T + "weights_sha256"):
+        return tag
+    from wanwu.export import sha256_file
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return sha256_file(download_file(mv.version, "artifacts/model.pt", tmp))
+    except Exception:  # no such artifact (a foreign version): never "the same"
+        return None
+
+
 def _same_weights(a: Any, b: Any) -> str | None:
-    """The weights hash two versions share, or None (versions registered before the tag never match)."""
-    ha, hb = (a.tags or {}).get(T + "weights_sha256"), (b.tags or {}).get(T + "weights_sha256")
-    return ha if ha and ha == hb else None
+    """The weights hash two versions share, or None."""
+    ha = _weights_sha256(a)
+    return ha if ha and ha == _weights_sha256(b) else None
 
 
 def version_metrics(mv: Any) -> dict[str, Any]:
