@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import yaml
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 
 
 def sh(cmd: str, cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -41,3 +43,24 @@ def set_params(root: Path, values: dict[str, Any]) -> None:
             node = node.setdefault(key, {})
         node[last] = value
     path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+
+
+def make_project(root: Path, params: dict[str, Any], stages: list[str] | None = None) -> Path:
+    """A temp git + DVC repo holding a copy of this project's code, params (with ``params`` set) and dvc.yaml
+    (only ``stages`` when given), committed."""
+    root.mkdir(parents=True)
+    for d in ("wanwu", "tasks", "flows"):
+        shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("ontology.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(REPO / f, root)
+    set_params(root, params)
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
+    if stages:
+        spec["stages"] = {name: spec["stages"][name] for name in stages}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    (root / "data").mkdir()
+    (root / ".gitignore").write_text("mlflow.db*\nmlartifacts/\n.wanwu/\nruns/\n__pycache__/\n", encoding="utf-8")
+    sh("git init -q && git config user.email t@t && git config user.name t", root)
+    sh("dvc init -q && dvc config core.analytics false", root)
+    sh("git add -A && git commit -qm init", root)
+    return root

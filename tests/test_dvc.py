@@ -9,12 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
+from _dvc import make_project, set_params
 from _dvc import ran as _ran
-from _dvc import set_params
 from _dvc import sh as _sh
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = "sample://?n=10&seed=3&catalogue_train=2&catalogue_val=1&generic_train=2&generic_val=1"
 
 pytestmark = pytest.mark.slow
@@ -22,22 +20,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    root = tmp_path / "proj"
-    root.mkdir()
-    for d in ("wanwu", "tasks", "flows"):
-        shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "ontology.yaml", root)
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params["collect"]["sources"] = [{"uri": TINY}]
-    (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
-    stages["stages"] = {"collect": stages["stages"]["collect"]}  # the later stages train models: not here
-    (root / "dvc.yaml").write_text(yaml.safe_dump(stages, allow_unicode=True), encoding="utf-8")
-    (root / "data").mkdir()
-    _sh("git init -q && git config user.email t@t && git config user.name t", root)
-    _sh("dvc init -q && dvc config core.analytics false", root)
-    _sh("git add -A && git commit -qm init", root)
-    return root
+    # the later stages train models: not here (tests/test_dvc_chain.py runs them at a tiny size)
+    return make_project(tmp_path / "proj", {"collect.sources": [{"uri": TINY}]}, stages=["collect"])
 
 
 def test_repro_from_clean_then_nothing_then_only_what_a_param_touches(project: Path):

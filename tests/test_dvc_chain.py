@@ -12,16 +12,14 @@ import csv
 import io
 import itertools
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from _dvc import make_project, set_params
 from _dvc import ran as _ran
-from _dvc import set_params
 from _dvc import sh as _sh
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = "sample://?n=14&seed=2&size=96&catalogue_train=2&catalogue_val=1&generic_train=3&generic_val=1"
 STAGES = ["collect", "autolabel", "quality", "train", "distill", "evaluate", "export", "promote"]
 METRIC = "data/evaluate/metrics.json:best_mAP50-95"
@@ -74,20 +72,7 @@ TINY_PARAMS = {
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("chain") / "proj"
-    root.mkdir()
-    for d in ("wanwu", "tasks", "flows"):
-        shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("ontology.yaml", "dvc.yaml", ".dvcignore"):
-        shutil.copy(REPO / f, root)
-    shutil.copy(REPO / "params.yaml", root)
-    set_params(root, {"collect.sources": [{"uri": TINY}], **TINY_PARAMS})
-    (root / "data").mkdir()
-    (root / ".gitignore").write_text("mlflow.db*\nmlartifacts/\n.wanwu/\nruns/\n__pycache__/\n", encoding="utf-8")
-    _sh("git init -q && git config user.email t@t && git config user.name t", root)
-    _sh("dvc init -q && dvc config core.analytics false", root)
-    _sh("git add -A && git commit -qm init", root)
-    return root
+    return make_project(tmp_path_factory.mktemp("chain") / "proj", {"collect.sources": [{"uri": TINY}], **TINY_PARAMS})
 
 
 def test_repro_runs_the_whole_chain_then_nothing_then_only_downstream_of_a_change(chain: Path):
