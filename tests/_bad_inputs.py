@@ -82,28 +82,22 @@ def _rejected(d: Path, uri: Path, file: Path, reason: str) -> Told:
 
 
 # ---- params.yaml and ontology.yaml --------------------------------------------------------------------------
-def params_not_yaml(d: Path) -> Told:
-    from wanwu.config import load_params
+def _params_file(text: str) -> Callable[[Path], Told]:
+    """A case: ``params.yaml`` holding ``text``, loaded the way every entry point loads it."""
 
-    f = d / "params.yaml"
-    f.write_text("collect:\n  sources: [sample://?n=4\n  workers: 2\n")
-    return _raised(lambda: load_params(f), f)
+    def case(d: Path) -> Told:
+        from wanwu.config import load_params
 
+        f = d / "params.yaml"
+        f.write_text(text)
+        return _raised(lambda: load_params(f), f)
 
-def params_misspelt_key(d: Path) -> Told:
-    from wanwu.config import load_params
-
-    f = d / "params.yaml"
-    f.write_text("train:\n  epoch: 5\n")
-    return _raised(lambda: load_params(f), f)
+    return case
 
 
-def params_wrong_value(d: Path) -> Told:
-    from wanwu.config import load_params
-
-    f = d / "params.yaml"
-    f.write_text("collect:\n  jpeg_quality: 300\n")
-    return _raised(lambda: load_params(f), f)
+params_not_yaml = _params_file("collect:\n  sources: [sample://?n=4\n  workers: 2\n")
+params_misspelt_key = _params_file("train:\n  epoch: 5\n")
+params_wrong_value = _params_file("collect:\n  jpeg_quality: 300\n")
 
 
 def ontology_duplicate_names(d: Path) -> Told:
