@@ -383,8 +383,8 @@ class ExpertTrainParams(_UltralyticsArgs):
     its backbone started from the proposer's (pretrained on the generic corpus)."""
 
     model: str = Field("yolo11n-cls.yaml", description="classifier architecture (yaml) or checkpoint")
-    epochs: int = Field(12, ge=1)
-    imgsz: int = Field(32, ge=16)
+    epochs: int = Field(24, ge=1)
+    imgsz: int = Field(64, ge=16)
     batch: int | float = 16
     nbs: int | None = Field(16, ge=1)
     warmup_epochs: float | None = Field(0.0, ge=0)
