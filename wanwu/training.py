@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -244,6 +245,33 @@ def _mlflow_fallback_callbacks() -> dict[str, Callable]:
 MLFLOW_RUN_FILE = "wanwu_mlflow_run.json"
 
 
+def cpu_threads() -> int:
+    """Torch threads for CPU training: ``$WANWU_TORCH_THREADS``, else every core this process may use.
+
+    ultralytics' ``select_device`` sets ``cpu_count() - 1`` (to leave a core to dataloader workers; ours are 0 on
+    the CPU), which is one thread on a 2-core machine: measured here, 2 threads train an epoch ~25 % faster.
+    """
+    env = os.environ.get("WANWU_TORCH_THREADS", "").strip()
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _threads_callbacks(n: int) -> dict[str, Callable]:
+    def set_threads(trainer: Any) -> None:
+        import torch
+
+        if getattr(getattr(trainer, "device", None), "type", "cpu") == "cpu":
+            torch.set_num_threads(n)
+
+    # on_pretrain_routine_start fires inside the trainer's __init__ (select_device's reset included), before a
+    # callback can be added: the end of the routine is the first point after it, before the first epoch.
+    return {"on_pretrain_routine_end": set_threads}
+
+
 def mlflow_run_link_callbacks(run_id: str) -> dict[str, Callable]:
     """Link a resumed run to the MLflow run of the killed one (tagged KILLED), and remember this run's id."""
 
@@ -340,7 +368,7 @@ def fit(
 
     cbs = ul_callbacks.get_default_callbacks()
     trainer = factory(overrides=overrides, _callbacks=cbs)
-    extra: list[dict[str, Callable]] = []
+    extra: list[dict[str, Callable]] = [_threads_callbacks(cpu_threads())]
     if mlflow_fallback:
         extra.append(_mlflow_fallback_callbacks())
     if progress:
