@@ -140,6 +140,18 @@ def test_the_gpu_profile_overrides_params_yaml_with_known_keys():
     check_args(params.distill.ultralytics_args())
 
 
+def test_the_cpu_hour_profile_loads_through_the_cli_option():
+    """`wanwu run --profile params/cpu60.yaml`: every key known, bigger world and more epochs than the quick run."""
+    from wanwu.cli import _overrides
+    from wanwu.config import load_params
+
+    quick = load_params(REPO / "params.yaml")
+    hour = load_params(REPO / "params.yaml", _overrides(["train.epochs=41"], REPO / "params" / "cpu60.yaml"))
+    assert hour.train.epochs == 41  # --set wins over the profile
+    assert hour.collect.sources[0].uri == "sample://?n=1200&seed=0" != quick.collect.sources[0].uri
+    assert hour.distill.epochs > quick.distill.epochs and hour.autolabel.experts.epochs > quick.autolabel.experts.epochs
+
+
 @pytest.mark.slow
 def test_training_is_deterministic_under_a_seed(tmp_path):
     import torch
@@ -156,3 +168,25 @@ def test_training_is_deterministic_under_a_seed(tmp_path):
         weights.append(ckpt["model"].float().state_dict())
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_cpu_training_uses_every_core_unless_told(tmp_path, monkeypatch):
+    """ultralytics sets cpu_count() - 1 torch threads (one on a 2-core machine); wanwu trains on all of them,
+    and $WANWU_TORCH_THREADS caps it."""
+    import torch
+
+    from wanwu.training import fit
+
+    _, data_dir = _project(tmp_path, n_train=4)
+    data = data_dir / "quality" / "dataset" / "data.yaml"
+    args = {"epochs": 1, "imgsz": 64, "batch": 4, "val": False}
+    seen: dict[str, int] = {}
+    for name, env in (("all", None), ("one", "1")):
+        if env is None:
+            monkeypatch.delenv("WANWU_TORCH_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("WANWU_TORCH_THREADS", env)
+        record = {"on_train_epoch_start": lambda tr, name=name: seen.__setitem__(name, torch.get_num_threads())}
+        fit(data, tmp_path / name, model="yolo11n.yaml", device="cpu", progress=None, callbacks=record, **args)
+    assert seen == {"all": len(os.sched_getaffinity(0)), "one": 1}

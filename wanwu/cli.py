@@ -41,10 +41,37 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-S", help="override a param for this run, e.g. -S train.epochs=3 (repeatable)"),
 ]
+ProfileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--profile",
+        help="a file of dotted-key overrides (params/cpu60.yaml, params/gpu.yaml); --set wins over it",
+        exists=True,
+        dir_okay=False,
+    ),
+]
 
 
-def _overrides(items: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
+def _profile(path: Path | None) -> dict[str, str]:
+    """A profile file's ``key.sub: value`` lines as ``--set`` strings (values re-dumped as YAML)."""
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise typer.BadParameter(f"{path}: not valid YAML ({e})", param_hint="--profile") from None
+    if not isinstance(raw, dict):
+        raise typer.BadParameter(f"{path}: expected `section.key: value` lines", param_hint="--profile")
+    return {
+        str(k): yaml.safe_dump(v, default_flow_style=True, allow_unicode=True).strip().removesuffix("...").strip()
+        for k, v in raw.items()
+    }
+
+
+def _overrides(items: list[str] | None, profile: Path | None = None) -> dict[str, str]:
+    out: dict[str, str] = _profile(profile)
     for item in items or []:
         if "=" not in item:
             raise typer.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. train.epochs=3", param_hint="--set")
@@ -53,12 +80,12 @@ def _overrides(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def _load(params_path: Path, sets: list[str] | None):
+def _load(params_path: Path, sets: list[str] | None, profile: Path | None = None):
     from wanwu.config import ParamsError, load_params
     from wanwu.offline import harden
 
     try:
-        params = load_params(params_path, _overrides(sets))
+        params = load_params(params_path, _overrides(sets, profile))
     except ParamsError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None
@@ -67,12 +94,15 @@ def _load(params_path: Path, sets: list[str] | None):
 
 
 @app.command()
-def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Run the whole pipeline flow (collect → … → promote) as far as its stages exist."""
-    p = _load(params, set_)
+def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, profile: ProfileOpt = None) -> None:
+    """Run the whole pipeline flow (collect → … → promote) as far as its stages exist.
+
+    Profiles: `--profile params/cpu60.yaml` (about an hour on 2 CPU cores), `--profile params/gpu.yaml`.
+    """
+    p = _load(params, set_, profile)
     from flows.pipeline import pipeline
 
-    pipeline(params_path=str(params.resolve()), overrides=_overrides(set_))
+    pipeline(params_path=str(params.resolve()), overrides=_overrides(set_, profile))
     _ = p
 
 
