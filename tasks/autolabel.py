@@ -325,6 +325,7 @@ def train_or_reuse_experts(
     n_imgs = {d: len(list((p / "train").glob("*/*"))) for d, p in datasets.items()}
     expert_total = sum(v for d, v in n_imgs.items() if d != "_all")
     paths: dict[str, Path] = {}
+    top1: dict[str, float | None] = {}
     t0 = time.perf_counter()
     for domain, data_dir in datasets.items():
         run_args = dict(args)
@@ -341,16 +342,41 @@ def train_or_reuse_experts(
                 progress=f"expert {domain}",
                 **run_args,
             )
+        top1[domain] = _best_top1(out / domain / "run" / "results.csv")
+        warning = _chance_warning(domain, top1[domain], len([p for p in (data_dir / "val").iterdir() if p.is_dir()]))
+        if warning:
+            log.warning(warning)
     _write_json(
         stamp,
         {
             "fingerprint": fp,
             "paths": {k: str(v) for k, v in paths.items()},
+            "val_top1": top1,
             "images": n_imgs,
             "seconds": round(time.perf_counter() - t0, 1),
         },
     )
     return paths
+
+
+def _best_top1(results_csv: Path) -> float | None:
+    """The best validation top-1 in an ultralytics classification run's results.csv (None: not there)."""
+    if not results_csv.is_file():
+        return None
+    col = pd.read_csv(results_csv).rename(columns=str.strip).get("metrics/accuracy_top1")
+    return None if col is None or col.empty else round(float(col.max()), 4)
+
+
+def _chance_warning(domain: str, top1: float | None, n_classes: int) -> str | None:
+    """What to tell the user when an expert ends near chance (its labels would be noise), else None."""
+    chance = 1.0 / max(1, n_classes)
+    if top1 is None or top1 >= 1.5 * chance:
+        return None
+    return (
+        f"expert {domain} learned next to nothing: validation top-1 {top1:.2f}, chance {chance:.2f}. Its labels "
+        "will be noise: raise autolabel.experts.epochs, lower autolabel.experts.lr0 (0.002 stayed at chance on "
+        "the sample world) or train at the catalogue's size (autolabel.experts.imgsz)."
+    )
 
 
 # ---- fusion ------------------------------------------------------------------------------------------------

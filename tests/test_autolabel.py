@@ -106,6 +106,18 @@ def test_labels_soft_labels_review_queue_and_metrics(world, ontology):
     assert set(pr["per_class"]) == set(ontology.names_zh.values())
     names = {row["name"] for row in m["fusion_table"]["rows"]}
     assert {"vote", "weighted", "stacked", "single all-domain model"} <= names
+    # every expert's validation top-1 is on record (these 1-epoch 16-px ones are near chance, and say so)
+    experts = json.loads((data / "autolabel" / "teachers" / "experts.json").read_text(encoding="utf-8"))
+    assert set(experts["val_top1"]) == set(experts["paths"]) and all(0 <= v <= 1 for v in experts["val_top1"].values())
+
+
+def test_an_expert_at_chance_gets_a_warning_with_the_fix():
+    from tasks.autolabel import _chance_warning
+
+    warning = _chance_warning("动物", 0.21, 5)  # what lr0 0.002 at 32 px gave on the sample world
+    assert warning is not None and "动物" in warning and "autolabel.experts.lr0" in warning
+    assert _chance_warning("动物", 0.76, 5) is None  # the defaults now
+    assert _chance_warning("动物", None, 5) is None  # no results.csv: nothing to judge
 
 
 def test_rerun_with_unchanged_models_calls_no_model(world):
