@@ -148,7 +148,7 @@ def test_the_cpu_hour_profile_loads_through_the_cli_option():
     quick = load_params(REPO / "params.yaml")
     hour = load_params(REPO / "params.yaml", _overrides(["train.epochs=41"], REPO / "params" / "cpu60.yaml"))
     assert hour.train.epochs == 41  # --set wins over the profile
-    assert hour.collect.sources[0].uri == "sample://?n=1200&seed=0" != quick.collect.sources[0].uri
+    assert hour.collect.sources[0].uri == "sample://?n=1500&seed=0" != quick.collect.sources[0].uri
     assert hour.distill.epochs > quick.distill.epochs and hour.autolabel.experts.epochs > quick.autolabel.experts.epochs
 
 
