@@ -71,13 +71,13 @@ def _direct(data: Path, out: Path, store: Path, every_core: bool = True, **chang
     import mlflow
     from ultralytics import YOLO
 
-    from wanwu.training import _threads_callbacks, cpu_threads
+    from wanwu.training import cpu_threads, threads_callbacks
 
     _use_store(store)
     args = {**_params().ultralytics_args(), **change}
     model = YOLO("yolo11n.yaml")
     if every_core:
-        for event, fn in _threads_callbacks(cpu_threads()).items():
+        for event, fn in threads_callbacks(cpu_threads()).items():
             model.add_callback(event, fn)
     t = time.perf_counter()
     model.train(

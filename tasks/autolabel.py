@@ -333,7 +333,7 @@ def train_or_reuse_experts(
             run_args["epochs"] = max(1, round(e.epochs * expert_total / max(1, n_imgs[domain])))
         log.info("training expert %s (%d images, %d epochs)", domain, n_imgs[domain], run_args["epochs"])
         with _child_run(f"autolabel/expert/{domain}"):
-            paths[domain] = tz.train_classifier(
+            fitted = tz.train_classifier(
                 data_dir,
                 out / domain,
                 model=_model_arg(project, e.model),
@@ -342,7 +342,9 @@ def train_or_reuse_experts(
                 progress=f"expert {domain}",
                 **run_args,
             )
-        top1[domain] = _best_top1(out / domain / "run" / "results.csv")
+        paths[domain] = fitted.best
+        acc = fitted.metrics.get("metrics/accuracy_top1")  # best.pt on the val split
+        top1[domain] = None if acc is None else round(acc, 4)
         warning = _chance_warning(domain, top1[domain], len([p for p in (data_dir / "val").iterdir() if p.is_dir()]))
         if warning:
             log.warning(warning)
@@ -357,14 +359,6 @@ def train_or_reuse_experts(
         },
     )
     return paths
-
-
-def _best_top1(results_csv: Path) -> float | None:
-    """The best validation top-1 in an ultralytics classification run's results.csv (None: not there)."""
-    if not results_csv.is_file():
-        return None
-    col = pd.read_csv(results_csv).rename(columns=str.strip).get("metrics/accuracy_top1")
-    return None if col is None or col.empty else round(float(col.max()), 4)
 
 
 def _chance_warning(domain: str, top1: float | None, n_classes: int) -> str | None:

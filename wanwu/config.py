@@ -539,6 +539,13 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     return params.resolve(path.parent)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS says, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def project_root() -> Path:
     """The folder holding params.yaml: $WANWU_ROOT, else the current directory."""
     return Path(os.environ.get("WANWU_ROOT", ".")).resolve()

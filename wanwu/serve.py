@@ -51,7 +51,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from wanwu.config import ServeParams
+from wanwu.config import ServeParams, usable_cores
 from wanwu.images import pil_open
 from wanwu.onnx_model import Detections, OnnxDetector, Prepared, find_onnx
 from wanwu.ontology import OTHER_EN, OTHER_ID, OTHER_ZH, Ontology
@@ -787,9 +787,9 @@ def inference_threads(threads: int) -> tuple[int, int]:
     calls side by side 100–102 with other work on the machine. An explicit ``threads`` is honoured per call, with
     as many calls at once as the cores allow.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if threads <= 0:
-        return 1, max(cores, 1)
+        return 1, cores
     return threads, max(cores // threads, 1)
 
 

@@ -29,12 +29,15 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from wanwu.models.proposer import file_sha256, name_index, resolve_device
 from wanwu.ontology import OTHER_EN, OTHER_ID, Ontology, normalize_name
+
+if TYPE_CHECKING:
+    from wanwu.training import FitResult
 
 log = logging.getLogger(__name__)
 
@@ -736,8 +739,8 @@ def train_classifier(
     device: str = "auto",
     progress: str | None = "expert",
     **ultralytics_args: Any,
-) -> Path:
-    """Train one ultralytics classifier on a class-folder dataset; return ``out_dir/best.pt``.
+) -> FitResult:
+    """Train one ultralytics classifier on a class-folder dataset; ``.best`` is ``out_dir/best.pt``.
 
     Uses the shared training helper (:func:`wanwu.training.fit`: resume after a kill, progress, MLflow) with
     ultralytics' classification trainer. ``init`` is a detector checkpoint whose backbone initialises the
@@ -759,7 +762,7 @@ def train_classifier(
         progress=progress,
         **ultralytics_args,
     )
-    return result.best
+    return result
 
 
 # ---- the fused teacher as one object (the serving cascade uses it) -----------------------------------------
