@@ -191,7 +191,12 @@ def run(
             raise QualityGateFailed(failures, len(results), index)
 
         t = time.perf_counter()
-        data_yaml = q.write_dataset(paths["dataset"], project.data_dir, analysis.images, analysis.boxes, onto)
+        ignore = q.ignore_regions(analysis.auto_scored, analysis.images, params.ignore_reasons)
+        data_yaml = q.write_dataset(
+            paths["dataset"], project.data_dir, analysis.images, analysis.boxes, onto, ignore=ignore
+        )
+        metrics["counts"]["ignore_regions"] = len(ignore)
+        metrics["counts"]["ignore_images"] = int(ignore["sha256"].nunique()) if len(ignore) else 0
         contracts.write("labels", analysis.boxes, paths["soft_labels"])
         _write_splits(analysis.images, paths["splits"])
         q.write_json(paths["reference"], analysis.reference)

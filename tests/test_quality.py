@@ -53,13 +53,46 @@ def test_stage_writes_an_ultralytics_dataset_with_chinese_names(passed, ontology
     assert (spec["train"], spec["val"], spec["test"]) == ("images/train", "images/val", "images/test")
     root = Path(spec["path"])
     for split in ("train", "val", "test"):
-        imgs = sorted(p.stem for p in (root / "images" / split).glob("*.jpg"))
+        imgs = sorted(p.stem for p in (root / "images" / split).iterdir())
         labels = sorted(p.stem for p in (root / "labels" / split).glob("*.txt"))
         assert imgs == labels and len(imgs) == result.images[split] > 0
-    # hard links into data/raw, not copies
+    # hard links into data/raw, not copies (the painted ones, next test, are PNGs)
     one = next((root / "images" / "train").glob("*.jpg"))
     raw = project.data_dir / "raw" / one.stem[:2] / one.name
     assert os.path.samefile(one, raw)
+
+
+def test_unsure_auto_boxes_are_painted_grey_and_everything_else_is_the_raw_image(passed):
+    from PIL import Image
+
+    project, _, result = passed
+    root = project.data_dir / "quality" / "dataset"
+    metrics = json.loads(Path(result.metrics).read_text())
+    labels = pd.read_parquet(project.data_dir / "autolabel" / "labels.parquet")
+    soft = contracts.read("labels", result.soft_labels)
+    splits = dict(pd.read_parquet(result.splits).to_numpy())
+    painted = sorted((root / "images").rglob("*.png"))
+    assert painted and metrics["counts"]["ignore_images"] == len(painted)
+    assert not list((root / "images" / "test").glob("*.png"))  # the gold set is never touched
+    checked = 0
+    for png in painted:
+        sha = png.stem
+        assert splits[sha] in ("train", "val") and (root / "labels" / splits[sha] / f"{sha}.txt").is_file()
+        raw = np.asarray(Image.open(project.data_dir / "raw" / sha[:2] / f"{sha}.jpg").convert("RGB")).astype(int)
+        got = np.asarray(Image.open(png).convert("RGB")).astype(int)
+        unsure = labels[(labels["sha256"] == sha) & labels["needs_review"] & (labels["label_id"] >= 0)]
+        kept = soft[soft["sha256"] == sha]
+        covered = np.zeros(raw.shape[:2], bool)
+        for b in unsure.itertuples():
+            covered[int(b.y1) : int(np.ceil(b.y2)), int(b.x1) : int(np.ceil(b.x2))] = True
+        kept_mask = np.zeros_like(covered)
+        for b in kept.itertuples():
+            kept_mask[int(b.y1) : int(np.ceil(b.y2)), int(b.x1) : int(np.ceil(b.x2))] = True
+        grey = covered & ~kept_mask
+        assert grey.any() and (got[grey] == q.IGNORE_FILL).all()  # the unsure spots: grey
+        assert (got[~grey] == raw[~grey]).all()  # every other pixel, kept boxes included: the raw image, lossless
+        checked += 1
+    assert checked == len(painted)
 
 
 def test_label_files_match_soft_labels_line_for_line(passed):
@@ -438,3 +471,22 @@ def test_a_champion_scores_every_label_against_its_predictions(tmp_path, ontolog
     assert analysis.counts["label_issue_source"] == "champion predictions on every dataset image"
     assert len(scores) == len(analysis.boxes)
     assert scores.loc[scores["label_id"] != 0, "swap"].mean() < scores.loc[scores["label_id"] == 0, "swap"].mean()
+
+
+def test_boxes_the_proposer_was_unsure_of_become_ignore_regions_not_labels(tmp_path, ontology):
+    project = _project(tmp_path)
+    make_world(project.data_dir, 40, classes=(0, 1, 2), seed=11)
+    strict = P.model_copy(update={"min_proposer_conf": 0.5})
+    analysis = q.analyse(q.load_inputs(project.data_dir), strict, ontology, None)
+    scored, images = analysis.auto_scored, analysis.images
+    weak = scored[scored["reason"] == "low_proposer_conf"]
+    assert len(weak) and (weak["proposer_conf"] < 0.5).all()
+    assert (scored.loc[scored["passes"], "proposer_conf"] >= 0.5).all()  # nothing weak is a label
+    auto_in = analysis.boxes[analysis.boxes["origin"] == "auto"]
+    assert len(auto_in) and not auto_in.merge(weak[["sha256", "x1", "y1"]], on=["sha256", "x1", "y1"]).size
+    ignore = q.ignore_regions(scored, images, strict.ignore_reasons)
+    trainable = set(images.loc[(images["label_origin"] == "auto") & images["split"].isin(["train", "val"]), "sha256"])
+    assert set(ignore["sha256"]) <= trainable
+    weak_here = weak.loc[weak["sha256"].isin(trainable), ["sha256", "x1", "y1", "x2", "y2"]]
+    assert len(weak_here) and len(weak_here.merge(ignore)) == len(weak_here)  # each one is painted over
+    assert q.ignore_regions(scored, images, []).empty  # ignore_reasons: [] paints nothing

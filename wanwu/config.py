@@ -173,6 +173,15 @@ class QualityParams(_Section):
         "'nothing here') unless true",
     )
     min_auto_confidence: float = Field(0.0, ge=0, le=1, description="auto boxes below this confidence are left out")
+    min_proposer_conf: float = Field(
+        0.0, ge=0, le=1, description="auto boxes the proposer found less sure than this are left out (its box may be "
+        "loose even when the teachers agree on the name)",
+    )
+    ignore_reasons: list[Literal["needs_review", "low_confidence", "low_proposer_conf", "other", "duplicate"]] = Field(
+        default_factory=lambda: ["needs_review", "low_confidence", "low_proposer_conf"],
+        description="auto boxes left out for these reasons are painted grey in the dataset's copy of their image "
+        "(an ignore region: an unsure object must not be taught as background); [] keeps the images as they are",
+    )
     nms_iou: float = Field(
         0.7, gt=0, le=1, description="class-aware NMS on auto boxes: same-class boxes overlapping more are duplicates"
     )
@@ -369,7 +378,7 @@ class ProposerTrainParams(_UltralyticsArgs):
     100 iterations, a third of this run)."""
 
     model: str = Field("yolo11n.yaml", description="the architecture to train when autolabel.proposer is auto")
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(16, ge=1)
     imgsz: int = Field(256, ge=32)
     warmup_epochs: float | None = Field(0.0, ge=0)
     close_mosaic: int = Field(1, ge=0)
@@ -383,7 +392,7 @@ class ExpertTrainParams(_UltralyticsArgs):
     its backbone started from the proposer's (pretrained on the generic corpus)."""
 
     model: str = Field("yolo11n-cls.yaml", description="classifier architecture (yaml) or checkpoint")
-    epochs: int = Field(24, ge=1)
+    epochs: int = Field(20, ge=1)
     imgsz: int = Field(64, ge=16)
     batch: int | float = 16
     nbs: int | None = Field(16, ge=1)
@@ -436,7 +445,7 @@ class AutolabelParams(_Section):
         "auto (the champion if there is one, else one trained here on the generic corpus plus the seed)",
     )
     class_aware: bool = Field(True, description="use the proposer's class names (looked up in the ontology)")
-    conf: float = Field(0.1, ge=0, le=1, description="proposer confidence threshold (low: recall first)")
+    conf: float = Field(0.05, ge=0, le=1, description="proposer confidence threshold (low: recall first)")
     iou: float = Field(0.6, gt=0, le=1, description="class-agnostic NMS IoU")
     max_det: int = Field(100, ge=1)
     imgsz: int | None = Field(None, ge=32, description="proposer inference size; null: its training size")

@@ -302,6 +302,8 @@ def select(
         reason[(reason == "") & review] = "needs_review"
     low = (a["confidence"].fillna(0) < params.min_auto_confidence).to_numpy()
     reason[(reason == "") & low] = "low_confidence"
+    weak = (a["proposer_conf"].fillna(1.0) < params.min_proposer_conf).to_numpy()
+    reason[(reason == "") & weak] = "low_proposer_conf"
     cand = reason == ""
     if cand.any():
         keep = nms_keep(a[cand], params.nms_iou)
@@ -1484,8 +1486,60 @@ def _link(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def write_dataset(out_dir: Path, data_dir: Path, images: pd.DataFrame, boxes: pd.DataFrame, ontology: Ontology) -> Path:
-    """The ultralytics dataset, built beside ``out_dir`` and swapped into place (never half-written)."""
+def ignore_regions(auto_scored: pd.DataFrame, images: pd.DataFrame, reasons: Iterable[str]) -> pd.DataFrame:
+    """Auto boxes left out for one of ``reasons`` on an auto-labeled train/val image: the spots to paint over.
+
+    An object the labeler was unsure of is still an object; left in the picture without a label it would teach the
+    student "background here". Detection datasets mark such spots as ignore regions (COCO's crowd, the WIDER FACE
+    ignore boxes); ultralytics has no ignore label, so the dataset's copy of the image is painted there instead.
+    """
+    reasons = list(reasons)
+    if auto_scored is None or auto_scored.empty or not reasons:
+        return auto_scored.iloc[0:0] if auto_scored is not None else pd.DataFrame(columns=["sha256"])
+    targets = images.loc[(images["label_origin"] == "auto") & images["split"].isin(["train", "val"]), "sha256"]
+    picked = auto_scored["reason"].isin(reasons) & auto_scored["sha256"].isin(set(targets))
+    return auto_scored.loc[picked, ["sha256", "x1", "y1", "x2", "y2"]].reset_index(drop=True)
+
+
+IGNORE_FILL = 114  # ultralytics' letterbox grey: what the student already sees as "no content"
+
+
+def _painted(src: Path, dest: Path, paint: pd.DataFrame, keep: pd.DataFrame) -> Path:
+    """``src`` with the ``paint`` boxes filled grey, the ``keep`` boxes' pixels restored on top, as a lossless PNG."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        arr = np.asarray(im.convert("RGB")).copy()
+    orig = arr.copy()
+    h, w = arr.shape[:2]
+
+    def spans(df: pd.DataFrame) -> Iterable[tuple[int, int, int, int]]:
+        for x1, y1, x2, y2 in df[["x1", "y1", "x2", "y2"]].to_numpy(np.float64):
+            a, b = int(np.clip(np.floor(x1), 0, w)), int(np.clip(np.ceil(x2), 0, w))
+            c, d = int(np.clip(np.floor(y1), 0, h)), int(np.clip(np.ceil(y2), 0, h))
+            yield a, c, b, d
+
+    for a, c, b, d in spans(paint):
+        arr[c:d, a:b] = IGNORE_FILL
+    for a, c, b, d in spans(keep):
+        arr[c:d, a:b] = orig[c:d, a:b]
+    dest = dest.with_suffix(".png")
+    Image.fromarray(arr).save(dest, format="PNG", compress_level=1)
+    return dest
+
+
+def write_dataset(
+    out_dir: Path,
+    data_dir: Path,
+    images: pd.DataFrame,
+    boxes: pd.DataFrame,
+    ontology: Ontology,
+    ignore: pd.DataFrame | None = None,
+) -> Path:
+    """The ultralytics dataset, built beside ``out_dir`` and swapped into place (never half-written).
+
+    ``ignore`` (sha256, x1..y2 in pixels; :func:`ignore_regions`): those spots are painted grey in the dataset's
+    copy of the image (a PNG beside the label file; the other images are hard links to ``raw/``)."""
     import yaml
 
     out_dir = Path(out_dir)
@@ -1496,9 +1550,14 @@ def write_dataset(out_dir: Path, data_dir: Path, images: pd.DataFrame, boxes: pd
         (tmp / "images" / s).mkdir(parents=True)
         (tmp / "labels" / s).mkdir(parents=True)
     groups = {k: g for k, g in boxes.groupby("sha256", sort=False)}
+    paint = {} if ignore is None or ignore.empty else {k: g for k, g in ignore.groupby("sha256", sort=False)}
     empty = boxes.iloc[0:0]
     for r in images.itertuples(index=False):
-        _link(Path(data_dir) / r.path, tmp / "images" / r.split / f"{r.sha256}.jpg")
+        dest = tmp / "images" / r.split / f"{r.sha256}.jpg"
+        if r.sha256 in paint:
+            _painted(Path(data_dir) / r.path, dest, paint[r.sha256], groups.get(r.sha256, empty))
+        else:
+            _link(Path(data_dir) / r.path, dest)
         lines = yolo_lines(groups.get(r.sha256, empty), float(r.width), float(r.height))
         (tmp / "labels" / r.split / f"{r.sha256}.txt").write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
     spec = {
