@@ -147,6 +147,62 @@ def test_batched_run_equals_one_by_one(models):
         assert got.boxes[0, 2] <= im.shape[1] and got.boxes[0, 3] <= im.shape[0]
 
 
+def test_reduced_jpeg_factor_never_goes_below_the_letterbox_size():
+    from wanwu.onnx_model import reduced_jpeg_factor
+
+    assert reduced_jpeg_factor((480, 640), (320, 320)) == 2
+    assert reduced_jpeg_factor((3000, 4000), (320, 320)) == 8
+    assert reduced_jpeg_factor((1280, 1280), (320, 320)) == 4
+    assert reduced_jpeg_factor((600, 600), (320, 320)) == 1  # 1/2 would be 300 < 320
+    assert reduced_jpeg_factor((100, 700), (320, 320)) == 2  # fits by its long side either way it is turned
+    for hw in ((480, 640), (3000, 4000), (100, 700), (333, 999)):
+        f = reduced_jpeg_factor(hw, (320, 256))
+        r = max(min(320 / hw[0], 256 / hw[1]), min(320 / hw[1], 256 / hw[0]))
+        assert f * r <= 1 < (2 * f) * r or f == 8
+
+
+def _photo(w: int, h: int, orientation: int | None = None) -> bytes:
+    """A JPEG with texture and a dark block (the tiny model's 猫); optionally stored turned, with an EXIF tag."""
+    rng = np.random.default_rng(w * h)
+    arr = (rng.integers(90, 230, (h, w, 3))).astype(np.uint8)
+    arr[h // 5 : h // 2, w // 3 : (2 * w) // 3] = 15
+    img = Image.fromarray(arr)
+    buf = io.BytesIO()
+    if orientation is None:
+        img.save(buf, "JPEG", quality=92)
+    else:  # store the pixels turned back; the tag tells readers to turn them upright
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        img.transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=92, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_large_jpegs_decode_reduced_with_the_same_boxes_in_the_picture_s_own_pixels(models):
+    """640×400 for a 64 px model decodes at 1/8; sizes and boxes are those of the full decode (EXIF turn too)."""
+    from wanwu.serve import FileSource
+
+    uploads = [("flat.jpg", _photo(640, 400), "image/jpeg"), ("turned.jpg", _photo(640, 400, 6), "image/jpeg")]
+    answers = {}
+    for reduced in (False, True):
+        with live(app_for(FileSource(models["v1"]), reduced_decode=reduced, conf=0.3)) as url:
+            ready(url)
+            r = post(url, *uploads)
+            assert r.status_code == 200, r.text
+            answers[reduced] = r.json()["images"]
+    full, small = answers[False], answers[True]
+    assert [(i["width"], i["height"]) for i in full] == [(640, 400), (640, 400)]  # EXIF 6 turned it back upright
+    assert [(i["width"], i["height"]) for i in small] == [(i["width"], i["height"]) for i in full]
+    for a, b in zip(full, small, strict=True):
+        assert a["boxes"] and len(a["boxes"]) == len(b["boxes"])
+        for x, y in zip(a["boxes"], b["boxes"], strict=True):
+            assert x["label_zh"] == y["label_zh"] == "猫" and abs(x["confidence"] - y["confidence"]) < 0.05
+            bx = np.array([x["x1"], x["y1"], x["x2"], x["y2"]])
+            by = np.array([y["x1"], y["y1"], y["x2"], y["y2"]])
+            inter = np.prod(np.clip(np.minimum(bx[2:], by[2:]) - np.maximum(bx[:2], by[:2]), 0, None))
+            union = np.prod(bx[2:] - bx[:2]) + np.prod(by[2:] - by[:2]) - inter
+            assert inter / union > 0.9, (x, y)
+
+
 # ---- HTTP --------------------------------------------------------------------------------------------------
 def test_recognize_one_and_several_images_with_chinese_and_english_labels(models):
     from wanwu.serve import FileSource

@@ -174,7 +174,10 @@ class QualityParams(_Section):
     )
     min_auto_confidence: float = Field(0.0, ge=0, le=1, description="auto boxes below this confidence are left out")
     min_proposer_conf: float = Field(
-        0.0, ge=0, le=1, description="auto boxes the proposer found less sure than this are left out (its box may be "
+        0.0,
+        ge=0,
+        le=1,
+        description="auto boxes the proposer found less sure than this are left out (its box may be "
         "loose even when the teachers agree on the name)",
     )
     ignore_reasons: list[Literal["needs_review", "low_confidence", "low_proposer_conf", "other", "duplicate"]] = Field(
@@ -292,6 +295,11 @@ class ServeParams(_Section):
     batch_window_ms: float = Field(4.0, ge=0, description="how long the first request of a batch waits for others")
     max_queue: int = Field(256, ge=1, description="requests waiting for a batch; beyond it: 503, retry later")
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0: one per core")
+    reduced_decode: bool = Field(
+        True,
+        description="decode a JPEG at least twice the model's input size at 1/2, 1/4 or 1/8 (libjpeg's DCT scaling: "
+        "a third of the decode time, an area-averaged downscale); off: full decode, then the letterbox resize",
+    )
     max_image_bytes: int = Field(10_000_000, gt=0, description="per uploaded image (413 above)")
     max_request_bytes: int = Field(40_000_000, gt=0, description="whole request body (413 above)")
     max_images: int = Field(16, ge=1, description="images per request (413 above)")

@@ -53,7 +53,7 @@ from pydantic import BaseModel, Field
 
 from wanwu.config import ServeParams, usable_cores
 from wanwu.images import pil_open
-from wanwu.onnx_model import Detections, OnnxDetector, Prepared, find_onnx
+from wanwu.onnx_model import Detections, OnnxDetector, Prepared, find_onnx, reduced_jpeg_factor
 from wanwu.ontology import OTHER_EN, OTHER_ID, OTHER_ZH, Ontology
 
 if TYPE_CHECKING:
@@ -929,8 +929,12 @@ class Server:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    def decode(self, data: bytes, field_name: str, label: str | None = None) -> np.ndarray:
-        """Bytes → BGR uint8 array, refusing what does not decode or has too many pixels (before decoding it)."""
+    def decode(
+        self, data: bytes, field_name: str, label: str | None = None, fit: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, tuple[int, int]]:
+        """Bytes → (BGR uint8 array, the picture's height and width), refusing what does not decode or has too many
+        pixels (before decoding it). ``fit``: the model's input size; a JPEG at least twice as large is decoded at
+        1/2, 1/4 or 1/8 of its size (see :func:`wanwu.onnx_model.reduced_jpeg_factor`)."""
         import cv2
         from PIL import Image, UnidentifiedImageError
 
@@ -965,7 +969,18 @@ class Server:
                 limit=p.max_pixels,
                 observed=w * h,
             )
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # applies EXIF orientation
+        factor = reduced_jpeg_factor((h, w), fit) if fit is not None and data[:3] == b"\xff\xd8\xff" else 1
+        flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}.get(
+            factor, cv2.IMREAD_REDUCED_COLOR_8
+        )
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)  # applies EXIF orientation (reduced too)
+        if arr is not None:
+            if factor == 1:
+                return arr, arr.shape[:2]
+            # the stored size, or its transpose when EXIF turned the picture a quarter
+            hr, wr = arr.shape[:2]
+            turned = abs(hr - h / factor) + abs(wr - w / factor) > abs(hr - w / factor) + abs(wr - h / factor)
+            return arr, ((w, h) if turned else (h, w))
         if arr is None:  # a format OpenCV lacks (GIF, …): let Pillow try
             try:
                 with open_image(io.BytesIO(data)) as im:
@@ -977,14 +992,22 @@ class Server:
                     f"{label} is truncated or corrupt ({type(e).__name__}: {e}).",
                     field=field_name,
                 ) from None
-        return arr
+        return arr, arr.shape[:2]
 
     def prepare(self, blobs: list[tuple[str, str, bytes]]) -> list[Prepared]:
-        """(field, label, bytes) → images decoded and resized for the current model (in a worker thread)."""
+        """(field, label, bytes) → images decoded and resized for the current model (in a worker thread).
+
+        Large JPEGs decode reduced unless ``serve.reduced_decode`` is off or the cascade needs full-size crops."""
         model = self.model
         if model is None:
             raise ApiError(503, "not_ready", "no model is loaded yet; retry when GET /health says ready")
-        return [model.detector.prepare(self.decode(data, name, label)) for name, label, data in blobs]
+        det = model.detector
+        fit = det.imgsz if self.params.reduced_decode and self.cascade is None else None
+        out = []
+        for name, label, data in blobs:
+            arr, hw = self.decode(data, name, label, fit)
+            out.append(det.prepare(arr, hw))
+        return out
 
     def to_response(
         self, result: _JobResult, filenames: list[str | None], sizes: list[tuple[int, int]], elapsed_ms: float
