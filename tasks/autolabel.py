@@ -650,6 +650,8 @@ def run(
 
     proposer, proposer_source = prepare_proposer(params, project, ontology, inputs)
     teachers, single = prepare_teachers(params, project, ontology, inputs, proposer)
+    if single is not None and params.fusion.include_single:
+        teachers = [*teachers, {**single, "name": "全域"}]  # one more opinion for the stack; still the table's baseline
     fusion, table = prepare_fusion(params, project, ontology, inputs, teachers, single)
     spec = labeler_spec(params, project, proposer, teachers, fusion)
     _write_json(

@@ -106,6 +106,8 @@ def test_labels_soft_labels_review_queue_and_metrics(world, ontology):
     assert set(pr["per_class"]) == set(ontology.names_zh.values())
     names = {row["name"] for row in m["fusion_table"]["rows"]}
     assert {"vote", "weighted", "stacked", "single all-domain model"} <= names
+    # the all-domain classifier is also one of the fused teachers (autolabel.fusion.include_single)
+    assert m["teachers"]["names"][-1] == "全域" and "全域 alone" in names and len(m["teachers"]["names"]) >= 2
     # every expert's validation top-1 is on record (these 1-epoch 16-px ones are near chance, and say so)
     experts = json.loads((data / "autolabel" / "teachers" / "experts.json").read_text(encoding="utf-8"))
     assert set(experts["val_top1"]) == set(experts["paths"]) and all(0 <= v <= 1 for v in experts["val_top1"].values())

@@ -442,6 +442,11 @@ class FusionParams(_Section):
     fit_weights: bool = Field(True, description="weighted: weights = each teacher's accuracy on labeled crops")
     C: float = Field(1.0, gt=0, description="stacked: inverse regularisation of the logistic regression")
     other_crops: int = Field(200, ge=0, description="generic-corpus crops added to the seed crops as 'other' examples")
+    include_single: bool = Field(
+        True,
+        description="the all-domain classifier (experts.single_baseline) joins the fused teachers: the experts "
+        "reject distractors better, it names real objects better, the stack learns when to trust which",
+    )
 
 
 class AutolabelParams(_Section):
