@@ -39,7 +39,7 @@ from pydantic import BaseModel
 
 from tasks import lazy_task
 from wanwu import contracts, labeling
-from wanwu.config import AutolabelParams, Params, ProjectParams
+from wanwu.config import AutolabelParams, Params, ProjectParams, usable_cores
 from wanwu.labeling import FusionSpec, LabelerSpec, ProposerSpec, Reviewed, Shard, ShardResult
 from wanwu.models import fusion as fz
 from wanwu.models import proposer as pz
@@ -597,7 +597,7 @@ def labeler_spec(
 ) -> LabelerSpec:
     torch_threads = None
     if (params.runner or "threads") == "dask" and not params.dask_address:
-        torch_threads = max(1, (os.cpu_count() or 1) // params.workers)
+        torch_threads = max(1, usable_cores() // params.workers)  # a local cluster shares this machine's cores
     return LabelerSpec(
         data_dir=str(project.data_dir),
         ontology=str(project.ontology),

@@ -7,8 +7,9 @@ autolabel stage ran), ``collect/truth.parquet`` (sample world only, to *measure*
 * always: ``report/index.html`` (plots, counts, every expectation; GE data docs in ``report/gx/``),
   ``metrics.json``, ``review/tasks.json`` (Label Studio import of the worst-scored boxes);
 * only when every expectation passes: ``dataset/`` (ultralytics: ``data.yaml`` with Chinese names,
-  ``images/{train,val,test}``, ``labels/{train,val,test}``), ``soft_labels.parquet`` (the dataset's boxes in
-  label-file order), ``splits.parquet`` and ``reference.json`` (the next run's drift baseline).
+  ``images/{train,val,test}``: hard links to ``raw/``, or a PNG copy where unsure auto boxes are painted grey as
+  ignore regions (``quality.ignore_reasons``); ``labels/{train,val,test}``), ``soft_labels.parquet`` (the
+  dataset's boxes in label-file order), ``splits.parquet`` and ``reference.json`` (the next run's drift baseline).
 
 On failure it removes any older dataset, writes the report, and raises :class:`QualityGateFailed` naming every
 failed expectation with the observed value and the threshold. The logic lives in :mod:`wanwu.quality`.
