@@ -493,9 +493,15 @@ def prepare_fusion(
         for name, fusion in strategies.items():
             rows.append(row(name, fusion(gold_out), "fusion"))
         if single is not None:
-            s_out, _, scalls = _teacher_outputs([single], ontology, project.device, g_crops)
-            calls += scalls
-            rows.append(row("single all-domain model", s_out[0], "single"))
+            # already among the fused teachers (fusion.include_single): its gold answers are in gold_out
+            fused = [k for k, t in enumerate(teachers) if t["path"] == single["path"]]
+            if fused:
+                single_out = gold_out[fused[0]]
+            else:
+                s_out, _, scalls = _teacher_outputs([single], ontology, project.device, g_crops)
+                calls += scalls
+                single_out = s_out[0]
+            rows.append(row("single all-domain model", single_out, "single"))
         for t, o in zip(teachers, gold_out, strict=True):
             rows.append(row(f"{t['name']} alone", o, "teacher"))
     table["rows"] = rows

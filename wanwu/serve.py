@@ -974,9 +974,7 @@ class Server:
             factor, cv2.IMREAD_REDUCED_COLOR_8
         )
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)  # applies EXIF orientation (reduced too)
-        if arr is not None:
-            if factor == 1:
-                return arr, arr.shape[:2]
+        if arr is not None and factor > 1:
             # the stored size, or its transpose when EXIF turned the picture a quarter
             hr, wr = arr.shape[:2]
             turned = abs(hr - h / factor) + abs(wr - w / factor) > abs(hr - w / factor) + abs(wr - h / factor)
