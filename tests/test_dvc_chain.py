@@ -43,6 +43,7 @@ TINY_PARAMS = {
     "quality.max_class_imbalance": 10000,
     "quality.max_background_share": 1.0,
     "quality.include_needs_review": True,
+    "quality.min_auto_confidence": 0.0,  # one-epoch teachers are never that sure
     "train.epochs": 1,
     "train.imgsz": 64,
     "train.batch": 4,
