@@ -172,7 +172,14 @@ class QualityParams(_Section):
         description="auto-labeled images where no box passed: left out (the labeler was unsure, not sure of "
         "'nothing here') unless true",
     )
-    min_auto_confidence: float = Field(0.0, ge=0, le=1, description="auto boxes below this confidence are left out")
+    min_auto_confidence: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="auto boxes below this confidence are left out (painted out when low_confidence is an ignore "
+        "reason). 0 here keeps whatever autolabel.review_threshold passed; the project's params.yaml sets 0.8 "
+        "(measured)",
+    )
     min_proposer_conf: float = Field(
         0.0,
         ge=0,
