@@ -494,10 +494,8 @@ def prepare_fusion(
             rows.append(row(name, fusion(gold_out), "fusion"))
         if single is not None:
             # already among the fused teachers (fusion.include_single): its gold answers are in gold_out
-            fused = [k for k, t in enumerate(teachers) if t["path"] == single["path"]]
-            if fused:
-                single_out = gold_out[fused[0]]
-            else:
+            single_out = next((o for t, o in zip(teachers, gold_out, strict=True) if t["path"] == single["path"]), None)
+            if single_out is None:
                 s_out, _, scalls = _teacher_outputs([single], ontology, project.device, g_crops)
                 calls += scalls
                 single_out = s_out[0]
