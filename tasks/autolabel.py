@@ -466,6 +466,10 @@ def prepare_fusion(
     strategies: dict[str, fz.Fusion] = {
         s: fz.Fusion(s, coverage, weights, meta) for s in fz.STRATEGIES if s != "stacked" or meta is not None
     }
+    if f.strategy not in strategies:
+        raise AutolabelError(f"autolabel.fusion.strategy = {f.strategy}: needs at least two teachers or a meta-model.")
+    chosen = strategies[f.strategy]
+    temperature = fz.fit_temperature(chosen.raw(train_out), cols) if f.calibrate else 1.0
     # the fusion table, on the gold crops
     g_crops, g_ids = _crops_from_boxes(inputs.data_dir, inputs.manifest, gold_boxes, params.crop_context)
     g_cols = fz.ids_to_columns(g_ids, k)
@@ -492,6 +496,15 @@ def prepare_fusion(
 
         for name, fusion in strategies.items():
             rows.append(row(name, fusion(gold_out), "fusion"))
+        raw = chosen.raw(gold_out)
+        table["calibration"] = {
+            "strategy": f.strategy,
+            "temperature": round(temperature, 4),
+            "ece_before": round(fz.calibration_error(raw, g_cols), 4),
+            "ece_after": round(fz.calibration_error(fz.temper(raw, temperature), g_cols), 4),
+            "mean_confidence_before": round(float(raw.max(1).mean()), 4),
+            "mean_confidence_after": round(float(fz.temper(raw, temperature).max(1).mean()), 4),
+        }
         if single is not None:
             # already among the fused teachers (fusion.include_single): its gold answers are in gold_out
             single_out = next((o for t, o in zip(teachers, gold_out, strict=True) if t["path"] == single["path"]), None)
@@ -511,12 +524,11 @@ def prepare_fusion(
     table["weights"] = dict(zip([t["name"] for t in teachers], [round(w, 4) for w in weights], strict=True))
     table["model_calls"] = calls
     table["seconds"] = round(time.perf_counter() - t0, 1)
-    if f.strategy not in strategies:
-        raise AutolabelError(f"autolabel.fusion.strategy = {f.strategy}: needs at least two teachers or a meta-model.")
     spec = FusionSpec(
         strategy=f.strategy,
         weights=[float(w) for w in weights],
         meta=meta.to_dict() if (meta is not None and f.strategy == "stacked") else None,
+        temperature=temperature,
     )
     _write_json(out, {"fingerprint": fp, "spec": spec.model_dump(), "table": table})
     return spec, table
@@ -532,6 +544,13 @@ def format_fusion_table(table: dict[str, Any]) -> str:
         vs = f"{r['vs_single_pct']:+.1f}%" if "vs_single_pct" in r else ""
         ao = f"{r['accuracy_objects']:.3f}" if r.get("accuracy_objects") is not None else "-"
         lines.append(f"{r['name']:28s} {r['accuracy']:7.3f} {ao:>8s} {vs:>10s}")
+    cal = table.get("calibration")
+    if cal and cal.get("temperature") != 1.0:
+        lines.append(
+            f"{cal['strategy']} calibrated with T {cal['temperature']:.3f}: mean top probability "
+            f"{cal['mean_confidence_before']:.3f} → {cal['mean_confidence_after']:.3f}, calibration error on the gold "
+            f"crops {cal['ece_before']:.3f} → {cal['ece_after']:.3f}"
+        )
     return "\n".join(lines)
 
 

@@ -106,6 +106,12 @@ def test_labels_soft_labels_review_queue_and_metrics(world, ontology):
     assert set(pr["per_class"]) == set(ontology.names_zh.values())
     names = {row["name"] for row in m["fusion_table"]["rows"]}
     assert {"vote", "weighted", "stacked", "single all-domain model"} <= names
+    # the fused confidence is calibrated (autolabel.fusion.calibrate): the labeler uses the fitted temperature
+    cal = m["fusion_table"]["calibration"]
+    teacher = json.loads((data / "autolabel" / "teacher.json").read_text(encoding="utf-8"))
+    assert cal["strategy"] == teacher["fusion"]["strategy"] and cal["temperature"] > 0
+    assert teacher["fusion"]["temperature"] == pytest.approx(cal["temperature"], abs=1e-4)
+    assert 0 <= cal["ece_after"] <= 1 and 0 <= cal["mean_confidence_after"] <= 1
     # the all-domain classifier is also one of the fused teachers (autolabel.fusion.include_single)
     assert m["teachers"]["names"][-1] == "全域" and "全域 alone" in names and len(m["teachers"]["names"]) >= 2
     # every expert's validation top-1 is on record (these 1-epoch 16-px ones are near chance, and say so)

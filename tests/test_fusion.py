@@ -104,3 +104,38 @@ def test_fusion_version_and_errors():
     with pytest.raises(fz.FusionError, match="2 teachers"):
         fz.Fusion("vote", cov)([np.zeros((1, K + 1))])
     assert fz.columns_to_ids(fz.ids_to_columns([0, 3, -1], K), K).tolist() == [0, 3, -1]
+
+
+def test_calibration_sharpens_an_underconfident_fusion_without_moving_any_top_class():
+    # a fusion that is right 90 % of the time but says ~0.45: what a weighted mean over domain experts looks like
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, K + 1, n)
+    right = rng.random(n) < 0.9
+    top = np.where(right, y, (y + 1 + rng.integers(0, K, n)) % (K + 1))
+    probs = np.full((n, K + 1), 0.55 / K, np.float32)
+    probs[np.arange(n), top] = 0.45
+    t = fz.fit_temperature(probs, y)
+    assert t < 0.5  # sharpen
+    cal = fz.temper(probs, t)
+    assert (cal.argmax(1) == probs.argmax(1)).all()
+    np.testing.assert_allclose(cal.sum(1), 1.0, atol=1e-5)
+    before, after = fz.calibration_error(probs, y), fz.calibration_error(cal, y)
+    assert before > 0.4 and after < 0.05
+    assert cal.max(1).mean() == pytest.approx(0.9, abs=0.05)  # the confidence now says how often it is right
+    # an overconfident one (always 0.99, right half the time) is flattened instead
+    over = np.full((n, K + 1), 0.01 / K, np.float32)
+    half = np.where(rng.random(n) < 0.5, y, (y + 1) % (K + 1))
+    over[np.arange(n), half] = 0.99
+    assert fz.fit_temperature(over, y) > 1.5
+
+
+def test_the_temperature_is_part_of_the_fusion_and_its_version():
+    cov = [np.ones(K + 1, bool)] * 2
+    a = onto_probs([{0: 0.5, 1: 0.3, 4: 0.2}])
+    plain, sharp = fz.Fusion("weighted", cov, [1.0, 1.0]), fz.Fusion("weighted", cov, [1.0, 1.0], temperature=0.5)
+    assert plain([a, a])[0, 0] == pytest.approx(0.5, abs=1e-6)
+    assert sharp([a, a])[0, 0] > 0.6 and sharp.raw([a, a])[0, 0] == pytest.approx(0.5, abs=1e-6)
+    assert plain.version() != sharp.version()
+    with pytest.raises(fz.FusionError, match="temperature"):
+        fz.Fusion("weighted", cov, temperature=0.0)

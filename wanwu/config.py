@@ -177,7 +177,7 @@ class QualityParams(_Section):
         ge=0,
         le=1,
         description="auto boxes below this confidence are left out (painted out when low_confidence is an ignore "
-        "reason). 0 here keeps whatever autolabel.review_threshold passed; the project's params.yaml sets 0.8 "
+        "reason). 0 here keeps whatever autolabel.review_threshold passed; the project's params.yaml sets 0.5 "
         "(measured)",
     )
     min_proposer_conf: float = Field(
@@ -443,12 +443,18 @@ class TeacherSpec(_Section):
 
 class FusionParams(_Section):
     strategy: Literal["vote", "weighted", "stacked"] = Field(
-        "stacked", description="how the teachers' opinions combine (the fusion table in metrics.json compares all)"
+        "weighted", description="how the teachers' opinions combine (the fusion table in metrics.json compares all)"
     )
     weights: dict[str, float] = Field(default_factory=dict, description="weighted: teacher name → weight")
     fit_weights: bool = Field(True, description="weighted: weights = each teacher's accuracy on labeled crops")
     C: float = Field(1.0, gt=0, description="stacked: inverse regularisation of the logistic regression")
     other_crops: int = Field(200, ge=0, description="generic-corpus crops added to the seed crops as 'other' examples")
+    calibrate: bool = Field(
+        True,
+        description="fit one temperature on the labeled crops so the fused top probability is calibrated: the "
+        "review and confidence thresholds then mean the same under every strategy (the fusion table shows the "
+        "calibration error on the gold crops before and after)",
+    )
     include_single: bool = Field(
         True,
         description="the all-domain classifier (experts.single_baseline) joins the fused teachers: the experts "
@@ -478,7 +484,9 @@ class AutolabelParams(_Section):
     topk: int = Field(5, ge=1, description="soft labels kept per box (the distill stage reads them)")
     crop_context: float = Field(1.3, ge=1, description="square crop side = this × the box's longer side")
     teacher_threshold: float = Field(0.5, ge=0, le=1, description="teacher's label wins over the proposer's above")
-    review_threshold: float = Field(0.7, ge=0, le=1, description="boxes whose top probability is below need review")
+    review_threshold: float = Field(
+        0.5, ge=0, le=1, description="boxes whose (calibrated, fusion.calibrate) top probability is below need review"
+    )
     review_max_tasks: int = Field(300, ge=0, description="images in the Label Studio queue, most uncertain first")
     review_image_root: str = Field("/data/local-files/?d=", description="prefix of data/-relative image paths")
     review_imports: list[str] = Field(

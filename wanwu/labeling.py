@@ -86,6 +86,7 @@ class FusionSpec(BaseModel):
     strategy: str = "weighted"
     weights: list[float] | None = None
     meta: dict[str, Any] | None = None  # StackedModel.to_dict()
+    temperature: float = Field(1.0, gt=0)  # calibration (fusion.fit_temperature); 1: none
 
 
 class LabelerSpec(BaseModel):
@@ -189,7 +190,9 @@ def load_models(spec: LabelerSpec) -> Models:
         teachers = [build_teacher(t, ontology, device=spec.device) for t in spec.teachers]
         mappings = [OntologyMapping(t.labels, ontology) for t in teachers]
         meta = StackedModel.from_dict(spec.fusion.meta) if spec.fusion.meta else None
-        fusion = Fusion(spec.fusion.strategy, [m.coverage for m in mappings], spec.fusion.weights, meta)
+        fusion = Fusion(
+            spec.fusion.strategy, [m.coverage for m in mappings], spec.fusion.weights, meta, spec.fusion.temperature
+        )
         models = Models(proposer, teachers, mappings, fusion, spec.topk, spec.crop_context)
         _MODELS[key] = models
         return models
@@ -473,7 +476,7 @@ def run_shards(
 
 
 def merge(
-    parts: pd.DataFrame, teacher_threshold: float = 0.5, review_threshold: float = 0.7, proposer: str = "proposer"
+    parts: pd.DataFrame, teacher_threshold: float = 0.5, review_threshold: float = 0.5, proposer: str = "proposer"
 ) -> pd.DataFrame:
     """Part rows → labels-contract rows (origin auto).
 
@@ -521,7 +524,7 @@ def assemble(
     out_path: Path,
     *,
     teacher_threshold: float = 0.5,
-    review_threshold: float = 0.7,
+    review_threshold: float = 0.5,
     proposer: str = "proposer",
     reviewed: Reviewed | None = None,
 ) -> dict[str, int]:

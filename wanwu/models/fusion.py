@@ -11,6 +11,12 @@ drown every class in "other".
   labeled crops), renormalised. With teachers that all cover everything this is the plain weighted average.
 * ``stacked``: a multinomial logistic regression on the concatenated teacher outputs, trained on labeled crops
   (the human seed plus "other" examples). Stored as JSON (coefficients, classes): no pickle.
+
+Then, optionally, **calibration**: one temperature ``T`` fitted on the same labeled crops (negative log-likelihood),
+applied as ``softmax(log p / T)``. It keeps every box's top class and makes the top probability mean the same
+under every strategy: a weighted mean over experts that each see a fifth of the classes tops out near 0.5 even
+when it is right, so thresholds on the confidence (review, the quality stage's floor) would mean a different
+thing for each strategy without it.
 """
 
 from __future__ import annotations
@@ -81,6 +87,51 @@ def fit_weights(probs: Sequence[np.ndarray], coverage: Sequence[np.ndarray], col
         acc = float((p[mask].argmax(1) == cols[mask]).mean()) if mask.any() else 0.0
         out.append(max(acc, 0.05))
     return out
+
+
+def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log p / T)`` row-wise: T < 1 sharpens, T > 1 flattens, the arg-max never moves."""
+    p = np.asarray(probs, np.float64)
+    if temperature == 1.0 or p.shape[0] == 0:
+        return np.asarray(probs, np.float32)
+    z = np.log(np.clip(p, 1e-6, 1.0)) / temperature
+    z -= z.max(1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(1, keepdims=True)).astype(np.float32)
+
+
+def fit_temperature(probs: np.ndarray, cols: np.ndarray) -> float:
+    """The temperature (0.05–20) under which ``temper(probs, T)`` gives the labels ``cols`` the lowest mean negative
+    log-likelihood: standard temperature scaling, fitted by a bounded scalar search."""
+    from scipy.optimize import minimize_scalar
+
+    logp = np.log(np.clip(np.asarray(probs, np.float64), 1e-6, 1.0))
+    rows = np.arange(len(cols))
+
+    def nll(log_t: float) -> float:
+        z = logp / np.exp(log_t)
+        z = z - z.max(1, keepdims=True)
+        return float((np.log(np.exp(z).sum(1)) - z[rows, cols]).mean())
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+def calibration_error(probs: np.ndarray, cols: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error of the top probability: the mean |accuracy − confidence| over equal-width
+    confidence bins, weighted by their share of the crops."""
+    if len(cols) == 0:
+        return float("nan")
+    conf = probs.max(1)
+    hit = probs.argmax(1) == cols
+    idx = np.minimum((conf * bins).astype(int), bins - 1)
+    return float(
+        sum(
+            abs(hit[idx == b].mean() - conf[idx == b].mean()) * (idx == b).mean()
+            for b in range(bins)
+            if (idx == b).any()
+        )
+    )
 
 
 @contextlib.contextmanager
@@ -171,6 +222,7 @@ class Fusion:
         coverage: Sequence[np.ndarray],
         weights: Sequence[float] | None = None,
         meta: StackedModel | None = None,
+        temperature: float = 1.0,
     ):
         if strategy not in STRATEGIES:
             raise FusionError(f"fusion strategy {strategy!r}: choose one of {list(STRATEGIES)}")
@@ -180,8 +232,15 @@ class Fusion:
         self.coverage = [np.asarray(c, bool) for c in coverage]
         self.weights = list(weights) if weights is not None else [1.0] * len(self.coverage)
         self.meta = meta
+        if not temperature > 0:
+            raise FusionError(f"fusion temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
 
     def __call__(self, probs: Sequence[np.ndarray]) -> np.ndarray:
+        return temper(self.raw(probs), self.temperature)
+
+    def raw(self, probs: Sequence[np.ndarray]) -> np.ndarray:
+        """The strategy's output before calibration."""
         if len(probs) != len(self.coverage):
             raise FusionError(f"fusion configured for {len(self.coverage)} teachers, got {len(probs)} outputs")
         if len(probs) == 1 and self.strategy != "stacked":
@@ -202,6 +261,8 @@ class Fusion:
             "coverage": [c.astype(int).tolist() for c in self.coverage],
             "meta": self.meta.to_dict() if self.meta is not None and self.strategy == "stacked" else None,
         }
+        if self.temperature != 1.0:
+            state["temperature"] = round(self.temperature, 6)
         return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
 
 
