@@ -497,13 +497,14 @@ def prepare_fusion(
         for name, fusion in strategies.items():
             rows.append(row(name, fusion(gold_out), "fusion"))
         raw = chosen.raw(gold_out)
+        calibrated = fz.temper(raw, temperature)
         table["calibration"] = {
             "strategy": f.strategy,
             "temperature": round(temperature, 4),
             "ece_before": round(fz.calibration_error(raw, g_cols), 4),
-            "ece_after": round(fz.calibration_error(fz.temper(raw, temperature), g_cols), 4),
+            "ece_after": round(fz.calibration_error(calibrated, g_cols), 4),
             "mean_confidence_before": round(float(raw.max(1).mean()), 4),
-            "mean_confidence_after": round(float(fz.temper(raw, temperature).max(1).mean()), 4),
+            "mean_confidence_after": round(float(calibrated.max(1).mean()), 4),
         }
         if single is not None:
             # already among the fused teachers (fusion.include_single): its gold answers are in gold_out
