@@ -468,8 +468,7 @@ def prepare_fusion(
     }
     if f.strategy not in strategies:
         raise AutolabelError(f"autolabel.fusion.strategy = {f.strategy}: needs at least two teachers or a meta-model.")
-    chosen = strategies[f.strategy]
-    temperature = fz.fit_temperature(chosen.raw(train_out), cols) if f.calibrate else 1.0
+    temperature = fz.fit_temperature(strategies[f.strategy].raw(train_out), cols) if f.calibrate else 1.0
     # the fusion table, on the gold crops
     g_crops, g_ids = _crops_from_boxes(inputs.data_dir, inputs.manifest, gold_boxes, params.crop_context)
     g_cols = fz.ids_to_columns(g_ids, k)
@@ -494,9 +493,9 @@ def prepare_fusion(
                 "accuracy_objects": round(float((pred[obj] == g_cols[obj]).mean()), 4) if obj.any() else None,
             }
 
-        for name, fusion in strategies.items():
-            rows.append(row(name, fusion(gold_out), "fusion"))
-        raw = chosen.raw(gold_out)
+        fused = {name: fusion(gold_out) for name, fusion in strategies.items()}  # uncalibrated (T 1)
+        rows += [row(name, out, "fusion") for name, out in fused.items()]
+        raw = fused[f.strategy]
         calibrated = fz.temper(raw, temperature)
         table["calibration"] = {
             "strategy": f.strategy,
@@ -545,13 +544,9 @@ def format_fusion_table(table: dict[str, Any]) -> str:
         vs = f"{r['vs_single_pct']:+.1f}%" if "vs_single_pct" in r else ""
         ao = f"{r['accuracy_objects']:.3f}" if r.get("accuracy_objects") is not None else "-"
         lines.append(f"{r['name']:28s} {r['accuracy']:7.3f} {ao:>8s} {vs:>10s}")
-    cal = table.get("calibration")
-    if cal and cal.get("temperature") != 1.0:
-        lines.append(
-            f"{cal['strategy']} calibrated with T {cal['temperature']:.3f}: mean top probability "
-            f"{cal['mean_confidence_before']:.3f} → {cal['mean_confidence_after']:.3f}, calibration error on the gold "
-            f"crops {cal['ece_before']:.3f} → {cal['ece_after']:.3f}"
-        )
+    cal = fz.describe_calibration(table.get("calibration"))
+    if cal:
+        lines.append(cal)
     return "\n".join(lines)
 
 

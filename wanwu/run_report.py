@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from wanwu.models.fusion import describe_calibration
 from wanwu.report import Section, badge, esc, fmt, kv_table, save_figure, setup_plotting, table_html, write_page
 
 
@@ -93,15 +94,9 @@ def _label_quality(data_dir: Path) -> Section:
     if isinstance(rows, list) and rows:
         body.append("<h3>Teachers and their fusion on gold crops (accuracy)</h3>")
         body.append(table_html(rows))
-        cal = fusion.get("calibration") if isinstance(fusion, dict) else None
-        if isinstance(cal, dict) and cal.get("temperature") not in (None, 1.0):
-            body.append(
-                f"<p>The {esc(str(cal.get('strategy')))} fusion labels the boxes, its confidence calibrated with "
-                f"temperature {fmt(cal['temperature'])}: mean top probability "
-                f"{fmt(cal.get('mean_confidence_before'), 2)} → {fmt(cal.get('mean_confidence_after'), 2)}, "
-                "calibration error on the gold crops "
-                f"{fmt(cal.get('ece_before'), 2)} → {fmt(cal.get('ece_after'), 2)}.</p>"
-            )
+        cal = describe_calibration(fusion.get("calibration") if isinstance(fusion, dict) else None)
+        if cal:
+            body.append(f"<p>The boxes were named by the {esc(cal)}.</p>")
     gate = q.get("passed")
     if gate is not None:
         body.append(f"<p>Quality gate: {badge(bool(gate))}</p>")

@@ -81,12 +81,6 @@ def resize_stack(crops: Sequence[Any], size: int, resize: int | None = None) -> 
     return out.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 class Teacher(ABC):
     """Crops in, probabilities over ``labels`` out. Subclasses implement ``_forward`` on one batch."""
 
