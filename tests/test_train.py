@@ -193,3 +193,20 @@ def test_cpu_training_uses_every_core_unless_told(tmp_path, monkeypatch):
         record = {"on_train_epoch_start": lambda tr, name=name: seen.__setitem__(name, torch.get_num_threads())}
         fit(data, tmp_path / name, model="yolo11n.yaml", device="cpu", progress=None, callbacks=record, **args)
     assert seen == {"all": len(os.sched_getaffinity(0)), "one": 1}
+
+
+def test_websocket_keepalive_pings_do_not_shift_the_seeded_augmentation_stream():
+    """Inside a flow Prefect's events websocket pings every 20 s; its payloads must not come from the seeded RNG."""
+    import random
+
+    import websockets.asyncio.connection as ws_connection
+
+    from wanwu.training import keep_global_rng_for_training
+
+    random.seed(0)
+    undisturbed = [random.random() for _ in range(3)]
+    keep_global_rng_for_training()
+    random.seed(0)
+    first = random.random()
+    ws_connection.random.getrandbits(32)  # what a keepalive ping draws, on the event-loop thread, mid-epoch
+    assert [first, random.random(), random.random()] == undisturbed

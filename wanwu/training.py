@@ -8,7 +8,8 @@ device is used, and three things a pipeline needs that a bare ``model.train`` do
   clean, so a stale checkpoint never leaks into a new configuration;
 - **progress** on the terminal (ultralytics' own bars are silent under ``YOLO_VERBOSE=false``);
 - **MLflow**: ultralytics' own callback logs parameters, per-epoch metrics and the weights into the active run;
-  when it is off (its setting, or under pytest) :func:`fit` logs the same things itself.
+  when it is off (its setting, or under pytest) :func:`fit` logs the same things itself;
+- **the same result under a seed inside a flow** as alone: see :func:`keep_global_rng_for_training`.
 """
 
 from __future__ import annotations
@@ -300,6 +301,37 @@ def enable_ultralytics_mlflow(enabled: bool = True) -> None:
         settings.update(mlflow=enabled)
 
 
+# Modules that draw from the global ``random`` on a background thread while a flow runs.
+_BACKGROUND_RNG_USERS = (
+    "websockets.asyncio.connection",
+    "websockets.sync.connection",
+    "websockets.legacy.protocol",
+    "websockets.client",
+    "websockets.legacy.client",
+)
+
+
+def keep_global_rng_for_training() -> None:
+    """Give the background users of the global ``random`` generator a private one of their own.
+
+    ultralytics seeds the global ``random`` and draws its augmentation from it. Inside ``wanwu run`` Prefect's
+    events client keeps a websocket open on its event-loop thread, and websockets draws every keepalive ping's
+    payload from the global ``random`` (every 20 s, wherever the training happens to be): the same stage with the
+    same seed trained differently inside the flow than alone (proposer epoch-1 box loss 3.6521 vs 3.6529 in two
+    fresh runs; the stage alone repeats exactly). Their pings need unique numbers, not the global stream.
+    """
+    import importlib
+    import random
+
+    for name in _BACKGROUND_RNG_USERS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # another websockets version: nothing of it to isolate
+            continue
+        if getattr(module, "random", None) is random:
+            module.random = random.Random()
+
+
 def fit(
     data_yaml: str | Path,
     out_dir: str | Path,
@@ -363,6 +395,7 @@ def fit(
         overrides = {k: args[k] for k in ("data", "device", "workers", "cache", "plots") if k in args}
         overrides.update(resume=str(last), model=str(last), save_dir=str(run_dir))
 
+    keep_global_rng_for_training()
     cbs = ul_callbacks.get_default_callbacks()
     trainer = factory(overrides=overrides, _callbacks=cbs)
     extra: list[dict[str, Callable]] = [threads_callbacks(cpu_threads())]
