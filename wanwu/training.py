@@ -301,14 +301,9 @@ def enable_ultralytics_mlflow(enabled: bool = True) -> None:
         settings.update(mlflow=enabled)
 
 
-# Modules that draw from the global ``random`` on a background thread while a flow runs.
-_BACKGROUND_RNG_USERS = (
-    "websockets.asyncio.connection",
-    "websockets.sync.connection",
-    "websockets.legacy.protocol",
-    "websockets.client",
-    "websockets.legacy.client",
-)
+# Modules that draw from the global ``random`` on a background thread while a flow runs (websockets' pings and
+# reconnect back-off; Prefect uses the asyncio implementation, the deprecated ``legacy`` one is not imported).
+_BACKGROUND_RNG_USERS = ("websockets.asyncio.connection", "websockets.sync.connection", "websockets.client")
 
 
 def keep_global_rng_for_training() -> None:
