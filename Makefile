@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export YOLO_OFFLINE := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: repro sweep distill-study run test test-fast bench lint format doctor lock clean help
+.PHONY: repro sweep distill-study label-ceiling run test test-fast bench lint format doctor lock clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -39,6 +39,9 @@ faults: $(STAMP)  ## the fault suite with more kills (WANWU_FAULTS per stage, de
 
 distill-study: $(STAMP)  ## baseline vs distilled student on the gold set, 3 seeds (after make run) → bench/results/
 	$(PY) -m bench.study_distill
+
+label-ceiling: $(STAMP)  ## the train stage with the sample world's perfect labels vs ours (after make run; PROFILE=params/cpu60.yaml)
+	$(PY) -m bench.study_label_ceiling $(if $(PROFILE),--profile $(PROFILE))
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,0 +1,125 @@
+"""The labels' share of the gap: the train stage on the same images with the sample world's perfect labels.
+
+After a run on the built-in sample world (`make run`, or `wanwu run --profile params/cpu60.yaml`), this copies the
+quality dataset's train/val images (the originals, unpainted) with the world's truth as labels (distractors left
+out), keeps the test split (the human gold set) as it is, runs the train stage on that copy with the same params
+and profile, and scores it on the gold set with the evaluate stage's own function at the training image size:
+
+    make label-ceiling                                   # the quick run's data and params
+    make label-ceiling PROFILE=params/cpu60.yaml         # the CPU hour's
+
+The difference to the pipeline's own train score is what better auto labels could buy at this model, size and
+epoch budget; what is left below 1 is the student's. Writes bench/results/label_ceiling.{json,md}; data/ is not
+touched. Nothing here asserts a figure: it reports what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def truth_dataset(data: Path, out: Path) -> dict[str, int]:
+    """``data``'s quality dataset with the sample world's truth on train/val; test (gold) copied as is."""
+    import pandas as pd
+    import yaml
+
+    from wanwu import contracts
+    from wanwu.quality import _link, yolo_lines
+
+    ds = data / "quality" / "dataset"
+    truth_path = data / "collect" / "truth.parquet"
+    if not truth_path.is_file():
+        raise SystemExit(f"{truth_path}: not there. The ceiling needs the built-in sample world's truth.")
+    truth = contracts.read("labels", truth_path)
+    truth = truth[truth["label_id"] >= 0]
+    by_image = {k: g for k, g in truth.groupby("sha256", sort=False)}
+    manifest = pd.read_parquet(data / "collect" / "manifest.parquet").set_index("sha256")
+    counts: dict[str, int] = {}
+    for split in ("train", "val", "test"):
+        (out / "images" / split).mkdir(parents=True)
+        (out / "labels" / split).mkdir(parents=True)
+        for lf in sorted((ds / "labels" / split).glob("*.txt")):
+            row = manifest.loc[lf.stem]
+            _link(data / row["path"], out / "images" / split / f"{lf.stem}.jpg")
+            if split == "test":
+                text = lf.read_text(encoding="utf-8")
+            else:
+                boxes = by_image.get(lf.stem, truth.iloc[0:0])
+                text = "".join(f"{x}\n" for x in yolo_lines(boxes, float(row["width"]), float(row["height"])))
+            (out / "labels" / split / lf.name).write_text(text, encoding="utf-8")
+            counts[split] = counts.get(split, 0) + 1
+    spec = yaml.safe_load((ds / "data.yaml").read_text(encoding="utf-8"))
+    spec["path"] = str(out.resolve())
+    (out / "data.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.study_label_ceiling", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--profile", default=None, help="the profile the run used, e.g. params/cpu60.yaml")
+    ap.add_argument("--set", "-S", action="append", default=None, help="a param override, as `wanwu run -S`")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from bench.study_distill import _project, _score
+    from tasks import train as train_stage
+    from wanwu.cli import _overrides
+    from wanwu.config import load_params
+    from wanwu.offline import harden
+
+    harden(ROOT)
+    params_path = Path(args.params).resolve()
+    params = load_params(params_path, _overrides(args.set, Path(args.profile) if args.profile else None))
+    data = (params_path.parent / params.project.data_dir).resolve()
+    ours = data / "train" / "best.pt"
+    for need in (data / "quality" / "dataset" / "data.yaml", data / "autolabel" / "proposer" / "best.pt", ours):
+        if not need.is_file():
+            print(f"{need}: not there. Run the pipeline first (with the same --profile): the study reuses its data.")
+            return 2
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="wanwu-label-ceiling-") as tmp:
+        ds = Path(tmp) / "truth"
+        counts = truth_dataset(data, ds / "dataset")
+        proj = _project(Path(tmp) / "proj", {"autolabel": data / "autolabel", "quality": ds})
+        res = train_stage.run(params.train, proj)
+        perfect = _score(Path(res.best), ds / "dataset" / "data.yaml", params.train.imgsz)
+    pipeline = _score(ours, data / "quality" / "dataset" / "data.yaml", params.train.imgsz)
+    out = {
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - (time.perf_counter() - t0))),
+        "profile": args.profile,
+        "images": counts,
+        "train_epochs": params.train.epochs,
+        "imgsz": params.train.imgsz,
+        "pipeline_labels": pipeline,
+        "perfect_labels": perfect,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "label_ceiling.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
+    md = [
+        "# The labels' share of the gap (gold set)",
+        "",
+        f"Run {out['started']} with `make label-ceiling{' PROFILE=' + args.profile if args.profile else ''}`: "
+        f"{counts.get('train', 0)} training / {counts.get('val', 0)} val images, train stage {out['train_epochs']} "
+        f"epochs at {out['imgsz']} px from the run's proposer; {out['seconds']:.0f} s.",
+        "",
+        "| labels | gold mAP50 | gold mAP50-95 |",
+        "|---|---|---|",
+        f"| the pipeline's (its train/best.pt) | {pipeline['mAP50']:.4f} | {pipeline['mAP50-95']:.4f} |",
+        f"| perfect (the sample world's truth) | {perfect['mAP50']:.4f} | {perfect['mAP50-95']:.4f} |",
+    ]
+    (RESULTS / "label_ceiling.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
