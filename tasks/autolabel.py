@@ -514,7 +514,8 @@ def prepare_fusion(
                 single_out = s_out[0]
             rows.append(row("single all-domain model", single_out, "single"))
         for t, o in zip(teachers, gold_out, strict=True):
-            rows.append(row(f"{t['name']} alone", o, "teacher"))
+            if single is None or t["path"] != single["path"]:  # the all-domain model has its row above
+                rows.append(row(f"{t['name']} alone", o, "teacher"))
     table["rows"] = rows
     single_row = next((r for r in rows if r["kind"] == "single"), None)
     if single_row and single_row["accuracy"]:

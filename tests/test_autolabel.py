@@ -113,7 +113,11 @@ def test_labels_soft_labels_review_queue_and_metrics(world, ontology):
     assert teacher["fusion"]["temperature"] == pytest.approx(cal["temperature"], abs=1e-4)
     assert 0 <= cal["ece_after"] <= 1 and 0 <= cal["mean_confidence_after"] <= 1
     # the all-domain classifier is also one of the fused teachers (autolabel.fusion.include_single)
-    assert m["teachers"]["names"][-1] == "全域" and "全域 alone" in names and len(m["teachers"]["names"]) >= 2
+    assert m["teachers"]["names"][-1] == "全域" and len(m["teachers"]["names"]) >= 2
+    # ... whose row in the table is the baseline's, once (not again as "全域 alone")
+    kinds = [row["kind"] for row in m["fusion_table"]["rows"]]
+    assert "全域 alone" not in names and kinds.count("single") == 1
+    assert kinds.count("teacher") == len(m["teachers"]["names"]) - 1
     # every expert's validation top-1 is on record (these 1-epoch 16-px ones are near chance, and say so)
     experts = json.loads((data / "autolabel" / "teachers" / "experts.json").read_text(encoding="utf-8"))
     assert set(experts["val_top1"]) == set(experts["paths"]) and all(0 <= v <= 1 for v in experts["val_top1"].values())
