@@ -24,7 +24,7 @@ from wanwu.config import EvaluateParams, ExportParams, ProjectParams, PromotePar
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-# Gate thresholds for a world where a 36-epoch YOLO11n reaches mAP50-95 ≈ 0.6: the floors keep an untrained model
+# Gate thresholds for a world where a 60-epoch YOLO11n reaches mAP50-95 ≈ 0.7: the floors keep an untrained model
 # out; latency is generous because the machine is shared.
 GATE = PromoteParams(
     min_improvement=0.01,
