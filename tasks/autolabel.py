@@ -505,17 +505,22 @@ def prepare_fusion(
             "mean_confidence_before": round(float(raw.max(1).mean()), 4),
             "mean_confidence_after": round(float(calibrated.max(1).mean()), 4),
         }
+        # the all-domain model may be among the fused teachers (fusion.include_single): then its gold answers are
+        # in gold_out and its one row is the baseline's, not a second "alone" row
+        i_single = next((i for i, t in enumerate(teachers) if single and t["path"] == single["path"]), None)
         if single is not None:
-            # already among the fused teachers (fusion.include_single): its gold answers are in gold_out
-            single_out = next((o for t, o in zip(teachers, gold_out, strict=True) if t["path"] == single["path"]), None)
-            if single_out is None:
+            if i_single is not None:
+                single_out = gold_out[i_single]
+            else:
                 s_out, _, scalls = _teacher_outputs([single], ontology, project.device, g_crops)
                 calls += scalls
                 single_out = s_out[0]
             rows.append(row("single all-domain model", single_out, "single"))
-        for t, o in zip(teachers, gold_out, strict=True):
-            if single is None or t["path"] != single["path"]:  # the all-domain model has its row above
-                rows.append(row(f"{t['name']} alone", o, "teacher"))
+        rows += [
+            row(f"{t['name']} alone", o, "teacher")
+            for i, (t, o) in enumerate(zip(teachers, gold_out, strict=True))
+            if i != i_single
+        ]
     table["rows"] = rows
     single_row = next((r for r in rows if r["kind"] == "single"), None)
     if single_row and single_row["accuracy"]:
