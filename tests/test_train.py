@@ -144,7 +144,8 @@ def test_the_gpu_profile_overrides_params_yaml_with_known_keys():
 
 
 def test_the_cpu_hour_profile_loads_through_the_cli_option():
-    """`wanwu run --profile params/cpu60.yaml`: every key known, bigger world and more epochs than the quick run."""
+    """`wanwu run --profile params/cpu60.yaml`: every key known; a bigger world, more student epochs in all and a bigger
+    image size than the quick run, the proposer at the student's size."""
     from wanwu.cli import _overrides
     from wanwu.config import load_params
 
@@ -152,7 +153,9 @@ def test_the_cpu_hour_profile_loads_through_the_cli_option():
     hour = load_params(REPO / "params.yaml", _overrides(["train.epochs=41"], REPO / "params" / "cpu60.yaml"))
     assert hour.train.epochs == 41  # --set wins over the profile
     assert hour.collect.sources[0].uri == "sample://?n=1500&seed=0" != quick.collect.sources[0].uri
-    assert hour.distill.epochs > quick.distill.epochs and hour.autolabel.experts.epochs > quick.autolabel.experts.epochs
+    student = lambda p: p.train.epochs + p.distill.epochs  # noqa: E731 - the student's whole schedule
+    assert student(hour) > student(quick) and hour.autolabel.experts.epochs > quick.autolabel.experts.epochs
+    assert hour.train.imgsz > quick.train.imgsz and hour.autolabel.proposer_train.imgsz == hour.train.imgsz
 
 
 @pytest.mark.slow
