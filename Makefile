@@ -25,11 +25,14 @@ venv: $(STAMP)  ## create the virtual environment from the lock
 run: $(STAMP)  ## run the whole pipeline on the embedded defaults (sample world, local stores)
 	$(VENV)/bin/wanwu run
 
-test: $(STAMP)  ## the whole test suite (what CI runs)
-	$(PY) -m pytest -q
+# pytest-xdist processes (0: this one); a test file stays on one worker (module fixtures, the DVC chain's order)
+TEST_WORKERS ?= 2
+
+test: $(STAMP)  ## the whole test suite (what CI runs), on TEST_WORKERS processes
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)  ## the suite without the slow (training / export) tests
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: $(STAMP)  ## every benchmark, each against a baseline measured in the same run → bench/results/
 	$(PY) -m bench

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on the two cores: one torch thread each (and in the stages they
+    # start), set before anything imports torch, instead of two workers × all cores fighting over the same two.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("WANWU_TORCH_THREADS", "1")
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 try:  # offline switches before anything imports ultralytics / great_expectations
@@ -14,7 +20,6 @@ try:  # offline switches before anything imports ultralytics / great_expectation
 except ImportError:  # pragma: no cover - offline.py not written yet
     harden = None
 if harden is not None:
-    import os
     import tempfile
 
     # Tests never write into the project's own MLflow store: a session store in a temp folder unless a test
@@ -36,3 +41,23 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip("../shared/datasets not found: real-data tests need the shared folder beside the repo")
     return SHARED_DATASETS
+
+
+# `make test` hands whole files to two pytest-xdist workers in collection order: the longest files go first, so
+# no long file starts last and leaves one worker running alone at the end (measured: the DVC chain, ~7 min,
+# started last and the suite took 883 s). The other files keep their order; so does every file's own.
+LONG_FIRST = (
+    "test_dvc_chain.py",
+    "test_export.py",
+    "test_faults.py",
+    "test_autolabel.py",
+    "test_prefect_server.py",
+    "test_registry.py",
+    "test_caching.py",
+    "test_train.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from _shapes import make_project, mlflow_store, trained_checkpoints
+from _shapes import make_project, mlflow_store, shared_base, trained_checkpoints
 
 from wanwu.config import EvaluateParams, ProjectParams
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    return trained_checkpoints(tmp_path_factory.getbasetemp() / "shapes-run")
+    return trained_checkpoints(shared_base(tmp_path_factory) / "shapes-run")
 
 
 @pytest.fixture

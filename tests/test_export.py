@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _shapes import make_project, mlflow_store, trained_checkpoints
+from _shapes import make_project, mlflow_store, shared_base, trained_checkpoints
 
 from wanwu.config import EvaluateParams, ExportParams, ProjectParams
 
@@ -33,7 +33,7 @@ def exported(tmp_path_factory):
     from tasks import evaluate, export
 
     base = tmp_path_factory.getbasetemp()
-    ckpts = trained_checkpoints(base / "shapes-run")
+    ckpts = trained_checkpoints(shared_base(tmp_path_factory) / "shapes-run")
     uri = mlflow_store(base / "mlflow-store")
     root = make_project(
         tmp_path_factory.mktemp("export-proj"), ckpts["data"], {"train": ckpts["best"]}, REPO / "ontology.yaml"

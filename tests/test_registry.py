@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _shapes import make_project, mlflow_store, trained_checkpoints
+from _shapes import make_project, mlflow_store, shared_base, trained_checkpoints
 
 from wanwu.config import EvaluateParams, ExportParams, ProjectParams, PromoteParams
 
@@ -42,7 +42,7 @@ EXPORT = ExportParams(int8=False, simplify=False, parity_images=4, latency_runs=
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
-    ckpts = trained_checkpoints(base / "shapes-run")
+    ckpts = trained_checkpoints(shared_base(tmp_path_factory) / "shapes-run")
     uri = mlflow_store(base / "mlflow-store")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
