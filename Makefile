@@ -27,12 +27,13 @@ run: $(STAMP)  ## run the whole pipeline on the embedded defaults (sample world,
 
 # pytest-xdist processes (0: this one); a test file stays on one worker (module fixtures, the DVC chain's order)
 TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test: $(STAMP)  ## the whole test suite (what CI runs), on TEST_WORKERS processes
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PYTEST)
 
 test-fast: $(STAMP)  ## the suite without the slow (training / export) tests
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: $(STAMP)  ## every benchmark, each against a baseline measured in the same run → bench/results/
 	$(PY) -m bench

@@ -8,7 +8,6 @@ scenario). Class ids and names are the project ontology's first classes, as in t
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -92,13 +91,6 @@ def _drop_mlflow_callbacks(trainer) -> None:
     """This training is a fixture, not an experiment: keep ultralytics' MLflow callback out of every store."""
     for event, fns in trainer.callbacks.items():
         trainer.callbacks[event] = [f for f in fns if "callbacks.mlflow" not in getattr(f, "__module__", "")]
-
-
-def shared_base(tmp_path_factory) -> Path:
-    """The test session's temp root, one for all pytest-xdist workers (each worker's basetemp is a folder under
-    it), so the process-safe builders below run once per session instead of once per worker."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def trained_checkpoints(cache_dir: str | Path, epochs: int = 60) -> dict[str, Path]:

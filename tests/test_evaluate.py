@@ -8,16 +8,11 @@ import warnings
 from pathlib import Path
 
 import pytest
-from _shapes import make_project, mlflow_store, shared_base, trained_checkpoints
+from _shapes import make_project, mlflow_store
 
 from wanwu.config import EvaluateParams, ProjectParams
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    return trained_checkpoints(shared_base(tmp_path_factory) / "shapes-run")
 
 
 @pytest.fixture
@@ -32,8 +27,10 @@ def store(tmp_path_factory, monkeypatch):
 
 
 @pytest.mark.slow
-def test_evaluate_stage_measures_every_candidate_on_the_gold_set(tmp_path, ckpts, store, monkeypatch):
+def test_evaluate_stage_measures_every_candidate_on_the_gold_set(tmp_path, shapes_checkpoints, store, monkeypatch):
     from tasks import evaluate
+
+    ckpts = shapes_checkpoints
 
     monkeypatch.setenv("WANWU_MODEL_NAME", "evaluate-detector")  # no champion under this name
     root = make_project(

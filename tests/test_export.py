@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _shapes import make_project, mlflow_store, shared_base, trained_checkpoints
+from _shapes import make_project, mlflow_store
 
 from wanwu.config import EvaluateParams, ExportParams, ProjectParams
 
@@ -28,12 +28,12 @@ EXPORT = ExportParams(
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, shapes_checkpoints):
     """evaluate → export on a project that is a git repository (so the commit tag is checkable)."""
     from tasks import evaluate, export
 
     base = tmp_path_factory.getbasetemp()
-    ckpts = trained_checkpoints(shared_base(tmp_path_factory) / "shapes-run")
+    ckpts = shapes_checkpoints
     uri = mlflow_store(base / "mlflow-store")
     root = make_project(
         tmp_path_factory.mktemp("export-proj"), ckpts["data"], {"train": ckpts["best"]}, REPO / "ontology.yaml"

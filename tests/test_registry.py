@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _shapes import make_project, mlflow_store, shared_base, trained_checkpoints
+from _shapes import make_project, mlflow_store
 
 from wanwu.config import EvaluateParams, ExportParams, ProjectParams, PromoteParams
 
@@ -40,9 +40,9 @@ EXPORT = ExportParams(int8=False, simplify=False, parity_images=4, latency_runs=
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, shapes_checkpoints):
     base = tmp_path_factory.getbasetemp()
-    ckpts = trained_checkpoints(shared_base(tmp_path_factory) / "shapes-run")
+    ckpts = shapes_checkpoints
     uri = mlflow_store(base / "mlflow-store")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
