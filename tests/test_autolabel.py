@@ -27,7 +27,8 @@ from wanwu import contracts, labeling
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = (
-    "sample://?n=20&seed=3&size=96&catalogue_train=6&catalogue_val=2&catalogue_size=32&generic_train=6&generic_val=3"
+    "sample://?n=20&seed=3&size=96&seed_frac=0.3&catalogue_train=6&catalogue_val=2&catalogue_size=32&generic_train=6"
+    "&generic_val=3"
 )
 TINY = {
     "conf": 0.0,  # a 1-epoch proposer scores low: keep its best boxes so every path has crops to label
@@ -36,7 +37,7 @@ TINY = {
     "proposer_batch": 4,
     "runner": "local",
     "proposer_train": {"epochs": 1, "imgsz": 64, "batch": 8, "generic_train": None, "generic_val": 3, "seed_repeat": 1},
-    "experts": {"epochs": 1, "imgsz": 16, "batch": 16, "other_from_domains": 3, "generic_other": 6},
+    "experts": {"epochs": 1, "imgsz": 16, "batch": 16, "other_from_domains": 3, "generic_other": 6, "seed_crops": 0.5},
     "fusion": {"other_crops": 6},
 }
 
@@ -121,6 +122,84 @@ def test_labels_soft_labels_review_queue_and_metrics(world, ontology):
     # every expert's validation top-1 is on record (these 1-epoch 16-px ones are near chance, and say so)
     experts = json.loads((data / "autolabel" / "teachers" / "experts.json").read_text(encoding="utf-8"))
     assert set(experts["val_top1"]) == set(experts["paths"]) and all(0 <= v <= 1 for v in experts["val_top1"].values())
+
+
+def test_a_seed_image_trains_the_experts_or_fits_the_fusion_never_both(world, ontology):
+    """The experts learn from scene crops of part of the seed; the fusion is fitted and calibrated on the rest."""
+    from tasks import autolabel
+
+    params = world["params"]
+    data = params.project.data_dir
+    inputs = autolabel.Inputs(data)
+    seed = set(inputs.manifest.loc[inputs.manifest["split"] == "seed", "sha256"])
+    human = inputs.human[inputs.human["sha256"].isin(seed)]
+    experts_side = autolabel.seed_for_experts(inputs, params.autolabel.experts.seed_crops)
+    fusion_side = autolabel.fusion_seed(params.autolabel, inputs)
+    assert set(experts_side["sha256"]).isdisjoint(fusion_side["sha256"])
+    assert len(experts_side) + len(fusion_side) == len(human)
+    assert (experts_side["label_id"] >= 0).any() and (fusion_side["label_id"] >= 0).any()  # both sides have objects
+    # an image keeps its side as the seed grows: the choice is by content hash, a larger share only adds images
+    assert set(experts_side["sha256"]) <= set(autolabel.seed_for_experts(inputs, 0.9)["sha256"])
+    assert autolabel.seed_for_experts(inputs, 0.0).empty
+    # the fusion table was fitted on the fusion's side only (plus the generic "other" crops)
+    m = json.loads((data / "autolabel" / "metrics.json").read_text(encoding="utf-8"))
+    generic = list((data / "autolabel" / "teachers" / "generic_crops" / "val").glob("*.png"))  # as many as exist
+    assert m["fusion_table"]["train_crops"] == len(fusion_side) + len(generic)
+    # the experts' side became crops: every human box, and the proposer's boxes that match none as "other"
+    experts = json.loads((data / "autolabel" / "teachers" / "experts.json").read_text(encoding="utf-8"))
+    counts = experts["scene_crops"]
+    assert counts["images"] == experts_side["sha256"].nunique()
+    assert counts["objects"] == int((experts_side["label_id"] >= 0).sum()) and counts["other"] >= 0
+    # ... and they train the all-domain model under their class (the val split stays the catalogue's)
+    from wanwu.sample_world import class_folder
+
+    train = data / "autolabel" / "teachers" / "data" / "_all" / "train"
+    for cid, n in experts_side[experts_side["label_id"] >= 0]["label_id"].value_counts().items():
+        assert len(list((train / class_folder(ontology[int(cid)].en)).glob("scene_*"))) == n
+    assert not list((train.parent / "val").glob("*/scene_*"))
+
+
+def test_scene_crops_go_to_an_expert_under_its_class_or_as_other(tmp_path, ontology):
+    """A domain expert files its own classes' crops under them, the rest as other (capped so "other" does not
+    outweigh its classes); the all-domain model takes every crop."""
+    from PIL import Image
+
+    from wanwu.models import teachers as tz
+    from wanwu.ontology import OTHER_ID
+
+    cat = tmp_path / "catalogue"
+    by_domain: dict[str, list] = {}
+    for c in ontology.classes:
+        by_domain.setdefault(c.domain, []).append(c)
+        for split in ("train", "val"):
+            d = cat / c.domain / split / c.en.replace(" ", "_")
+            d.mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(d / "0.png")
+    crops: dict[int, list] = {}
+    for c in ontology.classes:  # three scene crops of every class, two unmatched proposer boxes
+        crops[c.id] = []
+        for i in range(3):
+            crops[c.id].append(tmp_path / "scene" / f"{c.id}_{i}.png")
+    crops[OTHER_ID] = [tmp_path / "scene" / f"o_{i}.png" for i in range(2)]
+    for files in crops.values():
+        for f in files:
+            f.parent.mkdir(exist_ok=True)
+            Image.new("RGB", (8, 8)).save(f)
+    generic = {"train": [tmp_path / "scene" / "o_0.png"]}  # one generic-corpus "other" crop per expert
+    out = tz.build_expert_datasets(
+        cat, tmp_path / "data", generic, other_from_domains=4, in_domain=crops, ontology=ontology
+    )
+    domain = sorted(by_domain)[0]
+    mine, others = by_domain[domain], [d for d in by_domain if d != domain]
+    train = out[domain] / "train"
+    for c in mine:
+        assert len(list((train / c.en.replace(" ", "_")).glob("scene_*"))) == 3
+    # other: as many unmatched boxes as generic crops (1 of 2), 4 crops per other domain (each has ≥ 6)
+    assert len(list((train / "other").glob("scene_*"))) == 1 + 4 * len(others)
+    assert not list((out[domain] / "val").rglob("scene_*"))
+    all_train = out["_all"] / "train"
+    assert all(len(list((all_train / c.en.replace(" ", "_")).glob("scene_*"))) == 3 for c in ontology.classes)
+    assert len(list((all_train / "other").glob("scene_*"))) == 2  # the all-domain model: every unmatched box
 
 
 def test_an_expert_at_chance_gets_a_warning_with_the_fix():

@@ -420,6 +420,15 @@ class ExpertTrainParams(_UltralyticsArgs):
     other_from_domains: int = Field(10, ge=0, description="per other domain: catalogue images an expert sees as other")
     generic_other: int = Field(40, ge=0, description="generic-corpus object crops every expert sees as other")
     single_baseline: bool = Field(True, description="also train one all-domain classifier (fusion table baseline)")
+    seed_crops: float = Field(
+        0.0,
+        ge=0,
+        le=0.9,
+        description="share of the human-labeled seed images (by content hash) whose crops also train the experts: "
+        "each human box under its class, each proposer box that matches no human box as other (the scenes' own "
+        "distractors, which catalogue images never show). The other seed images fit the fusion and its "
+        "calibration, unseen by the experts. 0: catalogue only",
+    )
 
     def ultralytics_args(self, project_seed: int = 0) -> dict[str, Any]:
         own = {"erasing": self.erasing, "auto_augment": self.auto_augment}
