@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -293,7 +294,7 @@ def train_or_reuse_experts(
     # off, so experts trained before the option existed stay cached
     scene = [e.seed_crops, _frame_hash(fit_seed), pz.file_sha256(proposer)] if e.seed_crops else []
     if scene:
-        scene += [params.imgsz, params.conf, params.iou, params.max_det, params.class_aware]
+        scene.append(proposer_spec(params, proposer).model_dump(exclude={"weights", "batch_size"}))
     fp = pz.fingerprint(
         e.model,
         args,
@@ -426,8 +427,6 @@ def scene_crops(
     world the all-domain classifier named 13 % of the gold scenes' distractors "other" from the catalogue alone,
     62 % with these crops). PNGs at ``size`` px under ``out_dir``, rebuilt each time the experts are.
     """
-    import shutil
-
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -436,17 +435,8 @@ def scene_crops(
     out: dict[int, list[Path]] = {}
     if boxes.empty:
         return out, {"images": 0, "objects": 0, "other": 0}
-    prop = pz.Proposer(
-        proposer,
-        ontology,
-        imgsz=params.imgsz,
-        conf=params.conf,
-        iou=params.iou,
-        max_det=params.max_det,
-        class_aware=params.class_aware,
-        device=project.device,
-        batch_size=params.proposer_batch,
-    )
+    ps = proposer_spec(params, proposer)
+    prop = pz.Proposer(ps.weights, ontology, device=project.device, **ps.model_dump(exclude={"weights"}))
     paths = inputs.manifest.set_index("sha256")["path"]
 
     def save(im: Any, box: Any, cid: int, name: str) -> None:
@@ -727,6 +717,19 @@ def map_for(params: AutolabelParams) -> labeling.MapFn:
 # ---- the stage ---------------------------------------------------------------------------------------------
 
 
+def proposer_spec(params: AutolabelParams, proposer: Path) -> ProposerSpec:
+    """How the labeler runs the proposer (also on the seed, for the experts' scene crops)."""
+    return ProposerSpec(
+        weights=str(proposer),
+        imgsz=params.imgsz,
+        conf=params.conf,
+        iou=params.iou,
+        max_det=params.max_det,
+        class_aware=params.class_aware,
+        batch_size=params.proposer_batch,
+    )
+
+
 def labeler_spec(
     params: AutolabelParams, project: ProjectParams, proposer: Path, teachers: list[dict[str, Any]], fusion: FusionSpec
 ) -> LabelerSpec:
@@ -737,15 +740,7 @@ def labeler_spec(
         data_dir=str(project.data_dir),
         ontology=str(project.ontology),
         parts_dir=str(project.data_dir / "autolabel" / "parts"),
-        proposer=ProposerSpec(
-            weights=str(proposer),
-            imgsz=params.imgsz,
-            conf=params.conf,
-            iou=params.iou,
-            max_det=params.max_det,
-            class_aware=params.class_aware,
-            batch_size=params.proposer_batch,
-        ),
+        proposer=proposer_spec(params, proposer),
         teachers=teachers,
         fusion=fusion,
         topk=params.topk,
