@@ -336,13 +336,8 @@ def train_or_reuse_experts(
         single=e.single_baseline,
         in_domain=in_domain,
         ontology=ontology,
+        batch=e.batch if isinstance(e.batch, int) and e.batch > 1 else None,
     )
-    batch = e.batch if isinstance(e.batch, int) and e.batch > 1 else None
-    for p in datasets.values():
-        scene_files = sorted((p / "train").glob("*/scene_*"))
-        if batch and scene_files and len(list((p / "train").glob("*/*"))) % batch == 1:
-            # a last batch of one image stops ultralytics (BatchNorm); the scene crops make any count possible
-            scene_files[-1].unlink()
     n_imgs = {d: len(list((p / "train").glob("*/*"))) for d, p in datasets.items()}
     expert_total = sum(v for d, v in n_imgs.items() if d != "_all")
     paths: dict[str, Path] = {}

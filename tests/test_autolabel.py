@@ -166,13 +166,14 @@ def test_scene_crops_go_to_an_expert_under_its_class_or_as_other(tmp_path, ontol
 
     from wanwu.models import teachers as tz
     from wanwu.ontology import OTHER_ID
+    from wanwu.sample_world import class_folder
 
     cat = tmp_path / "catalogue"
     by_domain: dict[str, list] = {}
     for c in ontology.classes:
         by_domain.setdefault(c.domain, []).append(c)
         for split in ("train", "val"):
-            d = cat / c.domain / split / c.en.replace(" ", "_")
+            d = cat / c.domain / split / class_folder(c.en)
             d.mkdir(parents=True)
             Image.new("RGB", (8, 8)).save(d / "0.png")
     crops: dict[int, list] = {}
@@ -193,12 +194,12 @@ def test_scene_crops_go_to_an_expert_under_its_class_or_as_other(tmp_path, ontol
     mine, others = by_domain[domain], [d for d in by_domain if d != domain]
     train = out[domain] / "train"
     for c in mine:
-        assert len(list((train / c.en.replace(" ", "_")).glob("scene_*"))) == 3
+        assert len(list((train / class_folder(c.en)).glob("scene_*"))) == 3
     # other: as many unmatched boxes as generic crops (1 of 2), 4 crops per other domain (each has ≥ 6)
     assert len(list((train / "other").glob("scene_*"))) == 1 + 4 * len(others)
     assert not list((out[domain] / "val").rglob("scene_*"))
     all_train = out["_all"] / "train"
-    assert all(len(list((all_train / c.en.replace(" ", "_")).glob("scene_*"))) == 3 for c in ontology.classes)
+    assert all(len(list((all_train / class_folder(c.en)).glob("scene_*"))) == 3 for c in ontology.classes)
     assert len(list((all_train / "other").glob("scene_*"))) == 2  # the all-domain model: every unmatched box
 
 

@@ -691,6 +691,7 @@ def build_expert_datasets(
     single: bool = True,
     in_domain: dict[int, list[Path]] | None = None,
     ontology: Ontology | None = None,
+    batch: int | None = None,
 ) -> dict[str, Path]:
     """Ultralytics classification folders, one per domain (its classes + ``other``) and, with ``single``, one
     ``_all`` over every class: the baseline a fusion of experts must beat.
@@ -703,7 +704,8 @@ def build_expert_datasets(
     many ``OTHER_ID`` crops as it has generic ones plus ``other_from_domains`` crops per other domain (every
     unmatched box made "other" outweigh an expert's classes: the fusion then called true objects "other", objects
     0.73 → 0.66 on the quick run's gold crops; capped, 0.72); ``_all`` gets every crop, each under its class or
-    ``other``. The val split stays the catalogue's.
+    ``other``. The val split stays the catalogue's. ``batch``: the experts' training batch (see
+    :func:`_add_in_domain`).
     """
     domains = sorted(p.name for p in catalogue.iterdir() if p.is_dir() and (p / "train").is_dir())
     if not domains:
@@ -740,6 +742,7 @@ def build_expert_datasets(
                 rng,
                 other_from_domains if domain != "_all" else None,
                 len(other.get("train", [])) if domain != "_all" else None,
+                batch,
             )
         out[domain] = root
     return out
@@ -754,36 +757,38 @@ def _add_in_domain(
     rng: np.random.Generator,
     per_other_domain: int | None,
     max_other: int | None,
+    batch: int | None,
 ) -> None:
     """Link scene crops into one expert's train split (see :func:`build_expert_datasets`); ``per_other_domain``
     None: every crop of a class the expert does not know goes under ``other`` (the ``_all`` model knows them all);
-    ``max_other``: at most this many of the ``OTHER_ID`` crops (None: all)."""
+    ``max_other``: at most this many of the ``OTHER_ID`` crops (None: all). With ``batch``, one crop fewer when the
+    split would end in a batch of one image, which stops ultralytics (BatchNorm): scene crops make any count."""
     if ontology is None:
         raise TeacherError("in-domain crops need the ontology to find each class's catalogue folder.")
-    index = name_index(ontology)
-    folder_of: dict[int, str] = {}
-    for d in members:
-        for cls_dir in sorted((catalogue / d / "train").iterdir()):
-            cid = index.get(normalize_name(cls_dir.name), OTHER_ID)
-            if cid != OTHER_ID and cls_dir.is_dir():
-                folder_of[cid] = cls_dir.name
+    cls_dirs = [c for d in members for c in sorted((catalogue / d / "train").iterdir()) if c.is_dir()]
+    ids = OntologyMapping([c.name for c in cls_dirs], ontology).ids  # the experts' own name → class lookup
+    folder_of = {int(i): c.name for i, c in zip(ids, cls_dirs, strict=True) if i != OTHER_ID}
+
+    def sample(files: list[Path], n: int | None) -> list[Path]:
+        return files if n is None else [files[i] for i in rng.permutation(len(files))[:n]]
+
+    links: list[tuple[Path, str]] = []
     by_domain: dict[str, list[Path]] = {}
     for cid, files in sorted(crops.items()):
         if cid in folder_of:
-            for f in files:
-                _link(f, root / "train" / folder_of[cid] / f"scene_{f.name}")
+            links += [(f, folder_of[cid]) for f in files]
         elif cid == OTHER_ID:
-            picked = files if max_other is None else rng.permutation(np.array(files, dtype=object))[:max_other]
-            for f in picked:
-                _link(Path(f), root / "train" / OTHER_EN / f"scene_{Path(f).name}")
+            links += [(f, OTHER_EN) for f in sample(files, max_other)]
         elif per_other_domain is None:
-            for f in files:
-                _link(f, root / "train" / OTHER_EN / f"scene_{f.name}")
+            links += [(f, OTHER_EN) for f in files]
         else:
             by_domain.setdefault(ontology[cid].domain or "", []).extend(files)
     for _, files in sorted(by_domain.items()):
-        for f in rng.permutation(np.array(files, dtype=object))[:per_other_domain]:
-            _link(Path(f), root / "train" / OTHER_EN / f"scene_{Path(f).name}")
+        links += [(f, OTHER_EN) for f in sample(files, per_other_domain)]
+    for f, folder in links:
+        _link(f, root / "train" / folder / f"scene_{f.name}")
+    if batch and links and len(list((root / "train").glob("*/*"))) % batch == 1:
+        sorted((root / "train").glob("*/scene_*"))[-1].unlink()
 
 
 def train_classifier(
