@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -358,3 +359,64 @@ def test_orchestration_params_and_dispatch_wiring(tmp_path: Path) -> None:
     assert isinstance(runner, DaskTaskRunner) and runner.address == "tcp://127.0.0.1:8786"
     with pytest.raises(dispatch.DispatchError, match="unknown stage"):
         dispatch.stage_task("colect")
+
+
+# ---- the installer: uv with pip's registries ----------------------------------------------------------------
+def _uv_pairs(env: dict[str, str]) -> list[tuple[str, str]]:
+    done = subprocess.run(
+        [sys.executable, str(INFRA / "uv_args.py")], capture_output=True, text=True, check=True, env=env
+    )
+    args = done.stdout.split()
+    return list(zip(args[::2], args[1::2], strict=True))
+
+
+def test_uv_gets_the_indexes_pip_would_use_environment_over_config_file(tmp_path: Path) -> None:
+    conf = tmp_path / "pip.conf"
+    conf.write_text(
+        "[global]\nindex-url = https://a.example/simple\n"
+        "extra-index-url = https://b.example/simple https://c.example/simple\nfind-links = /wheels/here\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PIP_CONFIG_FILE": str(conf)}
+    pairs = _uv_pairs(env)
+    assert ("--index-url", "https://a.example/simple") in pairs
+    assert [v for k, v in pairs if k == "--extra-index-url"] == ["https://b.example/simple", "https://c.example/simple"]
+    assert ("--find-links", "/wheels/here") in pairs
+
+    env["PIP_INDEX_URL"] = "https://d.example/simple"  # an environment variable beats every file, as in pip
+    pairs = _uv_pairs(env)
+    assert [v for k, v in pairs if k == "--index-url"] == ["https://d.example/simple"]
+
+
+def test_uv_finds_every_pin_of_the_lock_on_this_machines_registries(tmp_path: Path) -> None:
+    """What `make` installs with: if uv could not see a pin, make would fall back to pip and only be slow, so the
+    fallback would hide it. A dry run into an empty environment resolves all of them (~3 s from uv's cache)."""
+    uv = Path(sys.executable).parent / "uv"
+    lock = (REPO / "requirements.lock").read_text().split()
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "empty")], check=True)
+    extra = subprocess.run([sys.executable, str(INFRA / "uv_args.py")], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [
+            str(uv),
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-deps",
+            "--index-strategy",
+            "unsafe-best-match",
+            "--python",
+            str(tmp_path / "empty" / "bin" / "python"),
+            *extra.stdout.split(),
+            "-r",
+            str(REPO / "requirements.lock"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def pinned(specs) -> set[tuple[str, str]]:
+        return {(canonicalize_name(s.split("==")[0]), s.split("==")[1]) for s in specs}
+
+    would = pinned(re.findall(r"^ \+ (\S+==\S+)$", done.stderr + done.stdout, re.M))
+    pins = pinned(line for line in lock if "==" in line)
+    assert len(pins) > 250 and would == pins
