@@ -17,9 +17,9 @@ help:  ## list the targets
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-deps $$(grep -E '^uv==' requirements.lock)
-	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps --index-strategy unsafe-best-match \
-	    $$($(PY) infra/uv_args.py) -r requirements.lock \
+	{ $(PY) -m pip install --quiet --no-deps $$(grep -E '^uv==' requirements.lock) && \
+	  $(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps --index-strategy unsafe-best-match \
+	    $$($(PY) infra/uv_args.py) -r requirements.lock; } \
 	  || { echo "uv could not install the lock: pip instead (slower)"; \
 	       $(PY) -m pip install --quiet --no-compile --no-deps -r requirements.lock; }
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
