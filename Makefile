@@ -1,7 +1,9 @@
 # Two commands do all set-up on a fresh machine: `make run` and `make test`.
 # The virtual environment is built from requirements.lock (every package pinned) whenever it is missing or the
-# lock changed, by uv (the lock's own pin) with pip's index settings (infra/uv_args.py): ~45 s on a fresh 2-core
-# machine against pip's 300-400 s; pip if uv fails. Nothing is downloaded at run time.
+# lock changed, by uv (the lock's own pin) with pip's index settings (infra/uv_args.py): 70-73 s in all on a fresh
+# 2-core machine with an empty cache, where pip took 300-400 s; pip if uv fails. unsafe-best-match is pip's rule (the
+# pinned version from whichever index has it; uv's default stops at the first index that knows the name, and this
+# machine's registries split versions across indexes). Nothing is downloaded at run time.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
