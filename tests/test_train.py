@@ -156,6 +156,7 @@ def test_the_cpu_hour_profile_loads_through_the_cli_option():
     student = lambda p: p.train.epochs + p.distill.epochs  # noqa: E731 - the student's whole schedule
     assert student(hour) > student(quick) and hour.autolabel.experts.epochs > quick.autolabel.experts.epochs
     assert hour.train.imgsz > quick.train.imgsz and hour.autolabel.proposer_train.imgsz == hour.train.imgsz
+    assert hour.autolabel.experts.seed_crops > 0 == quick.autolabel.experts.seed_crops  # scene crops: the hour only
 
 
 @pytest.mark.slow
