@@ -32,9 +32,11 @@ venv: $(STAMP)  ## create the virtual environment from the lock
 run: $(STAMP)  ## run the whole pipeline on the embedded defaults (sample world, local stores)
 	$(VENV)/bin/wanwu run
 
-# pytest-xdist processes (0: this one); a test file stays on one worker (module fixtures, the DVC chain's order)
+# pytest-xdist processes (0: this one); a test file stays on one worker (module fixtures, the DVC chain's order).
+# --no-loadscope-reorder: xdist 3.8 hands out files with the most tests first by default, which put the two-test DVC
+# chain (~5 min) last, with the other worker idle for ~4 min of it; the files go in tests/conftest.py's order instead
 TEST_WORKERS ?= 2
-PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)  ## the whole test suite (what CI runs), on TEST_WORKERS processes
 	$(PYTEST)
