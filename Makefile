@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 export YOLO_OFFLINE := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: repro sweep distill-study label-ceiling run test test-fast bench lint format doctor lock clean help
+.PHONY: repro sweep distill-study label-ceiling label-losses run test test-fast bench lint format doctor lock clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -55,6 +55,9 @@ distill-study: $(STAMP)  ## baseline vs distilled student on the gold set, 3 see
 
 label-ceiling: $(STAMP)  ## the train stage with the sample world's perfect labels vs ours (after make run; PROFILE=params/cpu60.yaml)
 	$(PY) -m bench.study_label_ceiling $(if $(PROFILE),--profile $(PROFILE))
+
+label-losses: $(STAMP)  ## where the auto labels lose the sample world's objects (after a run; DATA=path/to/data) → bench/results/
+	$(PY) -m bench.study_label_losses $(if $(DATA),--data $(DATA))
 
 lint: $(STAMP)  ## ruff lint and format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
