@@ -88,6 +88,8 @@ def teacher_other(auto, truth, names: dict[int, str]) -> dict:
             if iou[k, j] >= 0.5:
                 said = int(a["label_id"].iloc[j])
                 per.setdefault(int(cls), []).append(0 if said == -1 else (1 if said == cls else 2))
+    if not per:
+        return {"found": 0, "other": None, "right": None, "per_class": {}}
     allv = np.concatenate([np.asarray(v) for v in per.values()])
     table = {
         names.get(c, str(c)): {
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     images = images[images["split"].isin(["pool", "gold"]) & images["sha256"].isin(set(auto["sha256"]))]
     truth = contracts.read("labels", need[0])
     truth = truth[truth["sha256"].isin(set(images["sha256"])) & (truth["label_id"] >= 0)].reset_index(drop=True)
+    if truth.empty:
+        raise SystemExit(f"{data}: no auto-labeled pool or gold image with a true object: nothing to measure.")
     onto = Ontology.load(ROOT / "ontology.yaml")
     names = {i: onto.zh(i) for i in range(len(onto))}
     out = {
@@ -187,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         *[f"\n{r['note']}" for r in out["proposer"] if "note" in r],
         "",
         f"Of the {out['teachers']['found']} true objects an auto box found, the teachers named "
-        f'**{out["teachers"]["other"]:.3f}** "other" and {out["teachers"]["right"]:.3f} right.',
+        f'**{out["teachers"]["other"]:.3f}** "other" and {out["teachers"]["right"]:.3f} right.'
+        if out["teachers"]["found"]
+        else "No auto box found a true object (IoU ≥ 0.5).",
         "",
         "| class | found | named other | named right |",
         "|---|---|---|---|",
