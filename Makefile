@@ -78,8 +78,8 @@ clean:  ## remove run outputs (keeps the virtual environment)
 	rm -rf data/raw data/collect data/world data/autolabel data/quality data/train data/distill data/evaluate \
 	       data/export data/promote mlflow.db mlartifacts runs reports .wanwu
 
-repro: $(STAMP)  ## the same pipeline through DVC (dvc repro), with the project's environment on PATH
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+repro: $(STAMP)  ## the same pipeline through DVC (dvc repro, via `wanwu repro`: heals a killed dvc's lock file)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/wanwu repro
 
 # A sweep through DVC's experiment queue, up to evaluate (promotion is a decision, not a sweep axis). Needs the
 # baseline committed (`make repro`, then `git add dvc.lock data/.gitignore && git commit`): queued experiments

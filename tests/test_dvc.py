@@ -65,3 +65,19 @@ def test_experiment_run_with_a_set_param(project: Path):
     assert "q85" in out.stdout or "q85" in out.stderr
     show = _sh("dvc exp show --no-pager --csv", project)
     assert "q85" in show.stdout and "85" in show.stdout
+
+
+def test_wanwu_repro_heals_the_lock_file_a_killed_dvc_left_half_written(project: Path):
+    """A SIGKILL while DVC rewrites .dvc/tmp/rwlock leaves it empty (seen in the fault suite): plain `dvc repro`
+    then refuses to start, `wanwu repro` removes it, says so and runs the pipeline."""
+    rwlock = project / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True, exist_ok=True)
+    rwlock.write_text("", encoding="utf-8")  # what the kill leaves: truncated, not yet written
+    refused = _sh("dvc repro", project, check=False)
+    assert refused.returncode != 0 and "RWLock-file" in refused.stdout + refused.stderr
+    healed = _sh("wanwu repro", project)
+    assert "half-written" in healed.stderr and "rwlock" in healed.stderr
+    assert _ran(healed) == ["collect"]
+    assert (project / "data" / "collect" / "manifest.parquet").is_file()
+    again = _sh("wanwu repro", project)  # a readable lock file is DVC's: left alone, nothing said
+    assert "half-written" not in again.stderr and _ran(again) == []

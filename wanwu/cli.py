@@ -164,6 +164,25 @@ def _disk_full(e: BaseException) -> str | None:
     return None
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def repro(ctx: typer.Context) -> None:
+    """`dvc repro` (any of its arguments after this), after healing what a killed `dvc` can leave behind.
+
+    A `dvc repro` killed while DVC rewrote `.dvc/tmp/rwlock` leaves that file half-written, and plain `dvc repro`
+    then refuses to start until it is deleted by hand; this removes it (under DVC's own guard) and says so. Run it
+    in the project's root, as `dvc repro`: `wanwu repro`, `wanwu repro evaluate`, `wanwu repro --dry`.
+    """
+    import subprocess
+
+    from wanwu.locks import heal_dvc_rwlock
+
+    healed = heal_dvc_rwlock(Path.cwd())
+    if healed:
+        typer.secho(healed, fg="yellow", err=True)
+    beside = Path(sys.executable).with_name("dvc")  # this environment's dvc, as `wanwu stage` is this one's
+    raise typer.Exit(subprocess.call([str(beside) if beside.exists() else "dvc", "repro", *ctx.args]))
+
+
 @app.command()
 def doctor(params: ParamsOpt = Path("params.yaml")) -> None:
     """Say what is ready and what is not (offline mode, font, stores, device, disk), with the fix for each."""

@@ -79,3 +79,38 @@ def stage_lock(root: str | Path, name: str, timeout: float | None = None) -> Ite
     finally:
         owner.unlink(missing_ok=True)
         lock.release()
+
+
+def heal_dvc_rwlock(root: str | Path) -> str | None:
+    """Remove DVC's ``.dvc/tmp/rwlock`` when a killed ``dvc`` left it half-written; say so, else return None.
+
+    DVC rewrites that file in place (truncate, then write JSON) under its guard ``rwlock.lock``; a SIGKILL between
+    the two leaves it empty, and every later ``dvc repro`` then stops with "Unable to read RWLock-file ... JSON
+    structure is corrupted" (treeverse/dvc#7615) until someone deletes it. The file only lists the outputs running
+    ``dvc`` processes hold, and a missing file means none (DVC's own reading), so under DVC's guard an unreadable
+    one is removed. A readable one is left alone (DVC itself clears the entries of dead processes).
+    """
+    path = Path(root) / ".dvc" / "tmp" / "rwlock"
+    if not path.is_file():
+        return None
+
+    def readable() -> bool:
+        try:
+            json.loads(path.read_text(encoding="utf-8") or "x")
+            return True
+        except (ValueError, OSError):
+            return not path.is_file()
+
+    if readable():
+        return None
+    from dvc.lock import make_lock
+
+    with make_lock(str(path.with_name("rwlock.lock")), tmp_dir=str(path.parent), hardlink_lock=False):
+        if readable():  # a running dvc finished its write meanwhile
+            return None
+        size = path.stat().st_size
+        path.unlink()
+    return (
+        f"{path}: removed, it was half-written ({size} bytes; a dvc process killed while writing it leaves it so, "
+        "treeverse/dvc#7615) and no dvc process was editing it"
+    )
