@@ -87,7 +87,7 @@ repro: $(STAMP)  ## the same pipeline through DVC (dvc repro, via `wanwu repro`:
 GRID ?= -S 'train.lr0=0.001,0.002' -S 'train.imgsz=192,256'
 RANK := data/evaluate/metrics.json:best_mAP50-95
 sweep: $(STAMP)  ## queue a grid (GRID="-S 'train.lr0=0.001,0.002' ...") with dvc exp, run it, rank by gold mAP50-95
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc exp run --queue $(GRID) evaluate
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/wanwu dvc exp run --queue $(GRID) evaluate
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" MLFLOW_TRACKING_URI="sqlite:///$(CURDIR)/mlflow.db" \
-	  $(VENV)/bin/dvc exp run --run-all --jobs 1
+	  $(VENV)/bin/wanwu dvc exp run --run-all --jobs 1
 	$(VENV)/bin/dvc exp show --no-pager --sort-by $(RANK) --sort-order desc --only-changed

@@ -81,3 +81,6 @@ def test_wanwu_repro_heals_the_lock_file_a_killed_dvc_left_half_written(project:
     assert (project / "data" / "collect" / "manifest.parquet").is_file()
     again = _sh("wanwu repro", project)  # a readable lock file is DVC's: left alone, nothing said
     assert "half-written" not in again.stderr and _ran(again) == []
+    rwlock.write_text("", encoding="utf-8")  # any dvc command through `wanwu dvc` (make sweep's exp run) heals too
+    status = _sh("wanwu dvc status", project)
+    assert "half-written" in status.stderr and "up to date" in status.stdout

@@ -164,14 +164,12 @@ def _disk_full(e: BaseException) -> str | None:
     return None
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def repro(ctx: typer.Context) -> None:
-    """`dvc repro` (any of its arguments after this), after healing what a killed `dvc` can leave behind.
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
-    A `dvc repro` killed while DVC rewrote `.dvc/tmp/rwlock` leaves that file half-written, and plain `dvc repro`
-    then refuses to start until it is deleted by hand; this removes it (under DVC's own guard) and says so. Run it
-    in the project's root, as `dvc repro`: `wanwu repro`, `wanwu repro evaluate`, `wanwu repro --dry`.
-    """
+
+def _dvc(args: list[str]) -> int:
+    """``dvc <args>`` from this environment, after healing what a killed ``dvc`` can leave behind (any DVC command
+    that runs stages reads ``.dvc/tmp/rwlock``: repro, exp run)."""
     import subprocess
 
     from wanwu.locks import heal_dvc_rwlock
@@ -180,7 +178,25 @@ def repro(ctx: typer.Context) -> None:
     if healed:
         typer.secho(healed, fg="yellow", err=True)
     beside = Path(sys.executable).with_name("dvc")  # this environment's dvc, as `wanwu stage` is this one's
-    raise typer.Exit(subprocess.call([str(beside) if beside.exists() else "dvc", "repro", *ctx.args]))
+    return subprocess.call([str(beside) if beside.exists() else "dvc", *args])
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def repro(ctx: typer.Context) -> None:
+    """`dvc repro` (any of its arguments after this), after healing what a killed `dvc` can leave behind.
+
+    A `dvc repro` killed while DVC rewrote `.dvc/tmp/rwlock` leaves that file half-written, and plain `dvc repro`
+    then refuses to start until it is deleted by hand; this removes it (under DVC's own guard) and says so. Run it
+    in the project's root, as `dvc repro`: `wanwu repro`, `wanwu repro evaluate`, `wanwu repro --dry`.
+    """
+    raise typer.Exit(_dvc(["repro", *ctx.args]))
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def dvc(ctx: typer.Context) -> None:
+    """Any `dvc` command, with the same healing as `wanwu repro`: `wanwu dvc exp run --run-all` (what `make sweep`
+    runs)."""
+    raise typer.Exit(_dvc(ctx.args))
 
 
 @app.command()

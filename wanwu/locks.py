@@ -94,12 +94,14 @@ def heal_dvc_rwlock(root: str | Path) -> str | None:
     if not path.is_file():
         return None
 
-    def readable() -> bool:
+    def readable() -> bool:  # or gone: nothing to heal either way
         try:
-            json.loads(path.read_text(encoding="utf-8") or "x")
+            json.loads(path.read_text(encoding="utf-8"))  # "" (the kill's usual leftover) raises too
+        except FileNotFoundError:
             return True
         except (ValueError, OSError):
-            return not path.is_file()
+            return False
+        return True
 
     if readable():
         return None
