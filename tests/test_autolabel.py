@@ -106,7 +106,7 @@ def test_labels_soft_labels_review_queue_and_metrics(world, ontology):
     assert set(pr["overall"]) >= {"precision", "recall", "tp", "predicted", "truth"} and pr["overall"]["truth"] > 0
     assert set(pr["per_class"]) == set(ontology.names_zh.values())
     names = {row["name"] for row in m["fusion_table"]["rows"]}
-    assert {"vote", "weighted", "stacked", "single all-domain model"} <= names
+    assert {"vote", "weighted", "product", "stacked", "single all-domain model"} <= names
     # the fused confidence is calibrated (autolabel.fusion.calibrate): the labeler uses the fitted temperature
     cal = m["fusion_table"]["calibration"]
     teacher = json.loads((data / "autolabel" / "teacher.json").read_text(encoding="utf-8"))

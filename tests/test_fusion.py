@@ -44,6 +44,36 @@ def test_weighted_is_the_plain_weighted_average_when_every_teacher_covers_everyt
     np.testing.assert_allclose(fused, (3 * p1 + p2) / 4, atol=1e-6)
 
 
+def test_product_lets_only_the_experts_that_know_a_class_weigh_it_against_other():
+    # a cat crop the animal expert is 60 % sure of; the plant expert, rightly, says "not mine" (0.99)
+    a = onto_probs([{0: 0.6, 4: 0.4}, {4: 0.95, 1: 0.05}])
+    b = onto_probs([{4: 0.99, 2: 0.01}, {4: 0.9, 3: 0.1}])
+    cov = [COV_A, COV_B]
+    fused = fz.product([a, b], cov, [1.0, 1.0])
+    assert fused.argmax(1).tolist() == [0, 4]  # cat; the distractor both reject stays other
+    np.testing.assert_allclose(fused.sum(1), 1.0, atol=1e-5)
+    # cat vs other is the animal expert's own odds: the plant expert's "not mine" counts on both sides
+    assert fused[0, 0] / fused[0, 4] == pytest.approx(0.6 / 0.4, rel=1e-4)
+    # the weighted mean puts the plant expert's "not mine" on "other" alone: the cat becomes other
+    assert fz.weighted([a, b], cov, [1.0, 1.0]).argmax(1)[0] == 4
+
+
+def test_product_is_the_weighted_geometric_mean_when_every_teacher_covers_everything():
+    rng = np.random.default_rng(2)
+    p1, p2 = (rng.dirichlet(np.ones(K + 1), size=6).astype(np.float32) for _ in range(2))
+    full = np.ones(K + 1, bool)
+    geo = p1.astype(np.float64) ** 2 * p2
+    np.testing.assert_allclose(
+        fz.Fusion("product", [full, full], [2.0, 1.0]).raw([p1, p2]), geo / geo.sum(1, keepdims=True), atol=1e-5
+    )
+    # a teacher that cannot say "other" has no opinion on the columns it does not know: a class it knows only
+    # wins through its own probabilities, not through the silence on the others
+    no_other = np.array([1, 1, 0, 0, 0], bool)
+    t = onto_probs([{0: 0.5, 1: 0.5}])
+    plant = onto_probs([{2: 0.9, 4: 0.1}])
+    assert fz.product([t, plant], [no_other, COV_B], [1.0, 1.0]).argmax(1)[0] == 2
+
+
 def test_vote_majority_and_abstention():
     t1 = onto_probs([{1: 0.6, 4: 0.4}])
     t2 = onto_probs([{1: 0.8, 4: 0.2}])

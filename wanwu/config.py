@@ -451,11 +451,11 @@ class TeacherSpec(_Section):
 
 
 class FusionParams(_Section):
-    strategy: Literal["vote", "weighted", "stacked"] = Field(
+    strategy: Literal["vote", "weighted", "product", "stacked"] = Field(
         "weighted", description="how the teachers' opinions combine (the fusion table in metrics.json compares all)"
     )
-    weights: dict[str, float] = Field(default_factory=dict, description="weighted: teacher name → weight")
-    fit_weights: bool = Field(True, description="weighted: weights = each teacher's accuracy on labeled crops")
+    weights: dict[str, float] = Field(default_factory=dict, description="weighted, product: teacher name → weight")
+    fit_weights: bool = Field(True, description="weighted, product: weights = each teacher's accuracy on labeled crops")
     C: float = Field(1.0, gt=0, description="stacked: inverse regularisation of the logistic regression")
     other_crops: int = Field(200, ge=0, description="generic-corpus crops added to the seed crops as 'other' examples")
     calibrate: bool = Field(

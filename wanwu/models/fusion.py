@@ -9,6 +9,11 @@ drown every class in "other".
   mean score its voters gave it; "other" takes what is left. No voter: the mean distribution.
 * ``weighted``: per column, the weighted mean over the teachers that cover it (weights from params or fitted on
   labeled crops), renormalised. With teachers that all cover everything this is the plain weighted average.
+* ``product``: a weighted product of experts (log-linear pooling). A teacher's "other" means "not one of mine",
+  so it is its answer for every column it does not cover as well: a teacher then weighs equally on the classes
+  outside its domain and on "other", and only the experts that know a class decide between that class and "other".
+  Under ``weighted`` every expert's "not mine" lands on "other" (a cat crop: four experts out of five say "other"),
+  which is why it calls a quarter of the animals "other" (README, where the labels lose objects).
 * ``stacked``: a multinomial logistic regression on the concatenated teacher outputs, trained on labeled crops
   (the human seed plus "other" examples). Stored as JSON (coefficients, classes): no pickle.
 
@@ -33,7 +38,7 @@ import numpy as np
 
 from wanwu.ontology import OTHER_ID
 
-STRATEGIES = ("vote", "weighted", "stacked")
+STRATEGIES = ("vote", "weighted", "product", "stacked")
 
 
 class FusionError(ValueError):
@@ -77,6 +82,25 @@ def weighted(probs: Sequence[np.ndarray], coverage: Sequence[np.ndarray], weight
     out = np.where(den > 0, num / np.maximum(den, 1e-12), 0.0)
     s = out.sum(1, keepdims=True)
     return (out / np.where(s > 0, s, 1.0)).astype(np.float32)
+
+
+def product(
+    probs: Sequence[np.ndarray], coverage: Sequence[np.ndarray], weights: Sequence[float], eps: float = 1e-6
+) -> np.ndarray:
+    """``softmax(sum_t w_t log q_t)`` with ``q_t(c) = p_t(c)`` where teacher t covers c, else ``p_t(other)``.
+
+    A teacher that cannot say "other" puts all its mass on its own classes; its silence on the others is then no
+    opinion: they get ``1 / |its classes|``, the level of an average one of its own."""
+    from scipy.special import softmax
+
+    k = probs[0].shape[1] - 1
+    logs = np.zeros(probs[0].shape, np.float64)
+    for w, p, cov in zip(weights, probs, coverage, strict=True):
+        cov = np.asarray(cov, bool)
+        p = np.clip(np.asarray(p, np.float64), eps, 1.0)
+        rest = p[:, k : k + 1] if cov[k] else np.full((len(p), 1), 1.0 / max(int(cov.sum()), 1))
+        logs += w * np.log(np.where(cov[None, :], p, rest))
+    return softmax(logs, axis=1).astype(np.float32)
 
 
 def fit_weights(probs: Sequence[np.ndarray], coverage: Sequence[np.ndarray], cols: np.ndarray) -> list[float]:
@@ -255,6 +279,8 @@ class Fusion:
             return vote(probs, self.coverage)
         if self.strategy == "weighted":
             return weighted(probs, self.coverage, self.weights)
+        if self.strategy == "product":
+            return product(probs, self.coverage, self.weights)
         assert self.meta is not None
         return self.meta.predict_proba(probs)
 
