@@ -8,7 +8,10 @@ its own files against the world's truth (class-aware or agnostic, IoU 0.5, on th
 2. of the true objects an auto box found, the share the teachers named "other" and the share they named right,
    per class (labels.parquet's top-k, as written by the autolabel stage);
 3. the accepted labels' precision and recall if P(other) were scaled by w before the argmax (a prior shift toward
-   objects), accepted meaning an object class at a top probability ≥ the bar (quality.min_auto_confidence).
+   objects), accepted meaning an object class at a top probability ≥ the bar (quality.min_auto_confidence);
+4. each teacher of the run (data/autolabel/teacher.json) on the gold images' true boxes and distractors: of its own
+   classes' objects, the share it names right and "other"; of the other objects and of the distractors, the share
+   it rejects ("other"): an expert that cannot say "not mine" turns distractors and other domains into its classes.
 
     make label-losses                     # after any run on the sample world
 
@@ -136,6 +139,44 @@ def prior_shift(auto, truth, num_classes: int, bar: float) -> list[dict]:
     return out
 
 
+def teachers_on_gold(data: Path, manifest, truth_all) -> list[dict]:
+    """Each teacher alone on the gold truth crops (objects and distractors), at the run's crop context."""
+    from tasks.autolabel import _crops_from_boxes, _teacher_outputs
+    from wanwu.ontology import Ontology
+
+    spec = data / "autolabel" / "teacher.json"
+    if not spec.is_file():
+        return [{"note": f"{spec}: not there: skipped"}]
+    tj = json.loads(spec.read_text(encoding="utf-8"))
+    gold = truth_all[truth_all["sha256"].isin(manifest.loc[manifest["split"] == "gold", "sha256"])]
+    if gold.empty:
+        return [{"note": "no gold image with truth: skipped"}]
+    onto = Ontology.load(ROOT / "ontology.yaml")
+    crops, ids = _crops_from_boxes(data, manifest, gold, float(tj.get("crop_context", 1.3)))
+    outs, covs, _ = _teacher_outputs(tj["teachers"], onto, "cpu", crops)
+    k = len(onto)
+    cols = np.where(ids < 0, k, ids)
+    rows = []
+    for t, o, cov in zip(tj["teachers"], outs, covs, strict=True):
+        pred = o.argmax(1)
+        own, foreign, distractor = cov[cols] & (cols != k), ~cov[cols], cols == k
+
+        def share(mask, hit):
+            return round(float(hit[mask].mean()), 3) if mask.any() else None
+
+        rows.append(
+            {
+                "teacher": t.get("name") or Path(t["path"]).parent.name,
+                "own_objects": int(own.sum()),
+                "own_right": share(own, pred == cols),
+                "own_other": share(own, pred == k),
+                "foreign_rejected": share(foreign, pred == k),
+                "distractors_rejected": share(distractor, pred == k),
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
@@ -176,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "proposer": proposer_recall(data, images, truth, args.iou),
         "teachers": teacher_other(auto, truth, names),
         "prior_shift": prior_shift(auto, truth, len(onto), args.bar),
+        "teachers_alone": teachers_on_gold(data, pd.read_parquet(need[1]), contracts.read("labels", need[0])),
     }
     out["seconds"] = round(time.perf_counter() - t0, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -207,6 +249,19 @@ def main(argv: list[str] | None = None) -> int:
         "| w | precision | recall | boxes |",
         "|---|---|---|---|",
         *[f"| {r['w_other']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['boxes']} |" for r in out["prior_shift"]],
+        "",
+        'Each teacher alone on the gold truth crops: its own classes\' objects named right / "other"; the other',
+        'objects and the distractors it rejects (names "other"):',
+        "",
+        "| teacher | own objects | right | other | other objects rejected | distractors rejected |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {r['teacher']} | {r['own_objects']} | {r['own_right']} | {r['own_other']} | "
+            f"{'—' if r['foreign_rejected'] is None else r['foreign_rejected']} | {r['distractors_rejected']} |"
+            for r in out["teachers_alone"]
+            if "teacher" in r
+        ],
+        *[f"\n{r['note']}" for r in out["teachers_alone"] if "note" in r],
         "",
     ]
     (RESULTS / "label_losses.md").write_text("\n".join(md), encoding="utf-8")
