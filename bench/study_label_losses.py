@@ -139,8 +139,9 @@ def prior_shift(auto, truth, num_classes: int, bar: float) -> list[dict]:
     return out
 
 
-def teachers_on_gold(data: Path, manifest, truth_all) -> list[dict]:
-    """Each teacher alone on the gold truth crops (objects and distractors), at the run's crop context."""
+def teachers_on_gold(data: Path, manifest, truth_all, device: str = "auto") -> list[dict]:
+    """Each teacher alone on the gold truth crops (objects and distractors), at the run's crop context: the stage's
+    own crop cutter and teacher runner, so the crops are the ones the fusion table scores."""
     from tasks.autolabel import _crops_from_boxes, _teacher_outputs
     from wanwu.ontology import Ontology
 
@@ -153,7 +154,7 @@ def teachers_on_gold(data: Path, manifest, truth_all) -> list[dict]:
         return [{"note": "no gold image with truth: skipped"}]
     onto = Ontology.load(ROOT / "ontology.yaml")
     crops, ids = _crops_from_boxes(data, manifest, gold, float(tj.get("crop_context", 1.3)))
-    outs, covs, _ = _teacher_outputs(tj["teachers"], onto, "cpu", crops)
+    outs, covs, _ = _teacher_outputs(tj["teachers"], onto, device, crops)
     k = len(onto)
     cols = np.where(ids < 0, k, ids)
     rows = []
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "--bar", type=float, default=0.5, help="accepted: top probability at least this (quality.min_auto_confidence)"
     )
     ap.add_argument("--iou", type=float, default=0.6, help="the proposer's NMS IoU (autolabel.iou)")
+    ap.add_argument("--device", default="auto", help="where the teachers run (auto: a GPU when there is one)")
     args = ap.parse_args(argv)
     data = Path(args.data)
     need = [
@@ -202,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     labels = contracts.read("labels", need[2])
     auto = labels[labels["origin"] == "auto"].reset_index(drop=True)
-    images = pd.read_parquet(need[1])
-    images = images[images["split"].isin(["pool", "gold"]) & images["sha256"].isin(set(auto["sha256"]))]
-    truth = contracts.read("labels", need[0])
-    truth = truth[truth["sha256"].isin(set(images["sha256"])) & (truth["label_id"] >= 0)].reset_index(drop=True)
+    manifest = pd.read_parquet(need[1])
+    images = manifest[manifest["split"].isin(["pool", "gold"]) & manifest["sha256"].isin(set(auto["sha256"]))]
+    truth_all = contracts.read("labels", need[0])  # distractors too (label_id -1): the teachers' reading needs them
+    truth = truth_all[truth_all["sha256"].isin(set(images["sha256"])) & (truth_all["label_id"] >= 0)]
+    truth = truth.reset_index(drop=True)
     if truth.empty:
         raise SystemExit(f"{data}: no auto-labeled pool or gold image with a true object: nothing to measure.")
     onto = Ontology.load(ROOT / "ontology.yaml")
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "proposer": proposer_recall(data, images, truth, args.iou),
         "teachers": teacher_other(auto, truth, names),
         "prior_shift": prior_shift(auto, truth, len(onto), args.bar),
-        "teachers_alone": teachers_on_gold(data, pd.read_parquet(need[1]), contracts.read("labels", need[0])),
+        "teachers_alone": teachers_on_gold(data, manifest, truth_all, args.device),
     }
     out["seconds"] = round(time.perf_counter() - t0, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)

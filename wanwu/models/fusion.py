@@ -13,7 +13,8 @@ drown every class in "other".
   so it is its answer for every column it does not cover as well: a teacher then weighs equally on the classes
   outside its domain and on "other", and only the experts that know a class decide between that class and "other".
   Under ``weighted`` every expert's "not mine" lands on "other" (a cat crop: four experts out of five say "other"),
-  which is why it calls a quarter of the animals "other" (README, where the labels lose objects).
+  one of the two reasons it calls a quarter of the animals "other" (README, where the labels lose objects). It
+  trusts each expert's rejection instead: a weak rejector turns distractors into its classes.
 * ``stacked``: a multinomial logistic regression on the concatenated teacher outputs, trained on labeled crops
   (the human seed plus "other" examples). Stored as JSON (coefficients, classes): no pickle.
 
