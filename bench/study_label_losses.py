@@ -9,9 +9,9 @@ its own files against the world's truth (class-aware or agnostic, IoU 0.5, on th
    per class (labels.parquet's top-k, as written by the autolabel stage);
 3. the accepted labels' precision and recall if P(other) were scaled by w before the argmax (a prior shift toward
    objects), accepted meaning an object class at a top probability ≥ the bar (quality.min_auto_confidence);
-4. each teacher of the run (data/autolabel/teacher.json) on the gold images' true boxes and distractors: of its own
-   classes' objects, the share it names right and "other"; of the other objects and of the distractors, the share
-   it rejects ("other"): an expert that cannot say "not mine" turns distractors and other domains into its classes.
+4. each teacher alone on the gold crops, from the autolabel stage's fusion table: of its own classes' objects, the
+   share it names right and "other"; of the other objects and of the distractors, the share it rejects ("other"):
+   an expert that cannot say "not mine" turns distractors and other domains into its classes.
 
     make label-losses                     # after any run on the sample world
 
@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CONFS = (0.1, 0.05, 0.03, 0.02, 0.01)
 PRIORS = (1.0, 0.7, 0.5, 0.35)
+TEACHER_COLUMNS = ("own_objects", "own_right", "own_other", "foreign_rejected", "distractors_rejected")
 
 
 def proposer_recall(data: Path, images, truth, iou: float, batch: int = 32) -> list[dict]:
@@ -139,42 +140,17 @@ def prior_shift(auto, truth, num_classes: int, bar: float) -> list[dict]:
     return out
 
 
-def teachers_on_gold(data: Path, manifest, truth_all, device: str = "auto") -> list[dict]:
-    """Each teacher alone on the gold truth crops (objects and distractors), at the run's crop context: the stage's
-    own crop cutter and teacher runner, so the crops are the ones the fusion table scores."""
-    from tasks.autolabel import _crops_from_boxes, _teacher_outputs
-    from wanwu.ontology import Ontology
-
-    spec = data / "autolabel" / "teacher.json"
-    if not spec.is_file():
-        return [{"note": f"{spec}: not there: skipped"}]
-    tj = json.loads(spec.read_text(encoding="utf-8"))
-    gold = truth_all[truth_all["sha256"].isin(manifest.loc[manifest["split"] == "gold", "sha256"])]
-    if gold.empty:
-        return [{"note": "no gold image with truth: skipped"}]
-    onto = Ontology.load(ROOT / "ontology.yaml")
-    crops, ids = _crops_from_boxes(data, manifest, gold, float(tj.get("crop_context", 1.3)))
-    outs, covs, _ = _teacher_outputs(tj["teachers"], onto, device, crops)
-    k = len(onto)
-    cols = np.where(ids < 0, k, ids)
-    rows = []
-    for t, o, cov in zip(tj["teachers"], outs, covs, strict=True):
-        pred = o.argmax(1)
-        own, foreign, distractor = cov[cols] & (cols != k), ~cov[cols], cols == k
-
-        def share(mask, hit):
-            return round(float(hit[mask].mean()), 3) if mask.any() else None
-
-        rows.append(
+def teachers_alone(data: Path) -> list[dict]:
+    """Each teacher's row of the autolabel stage's fusion table (metrics.json): how it treats the gold crops."""
+    m = json.loads((data / "autolabel" / "metrics.json").read_text(encoding="utf-8"))
+    rows = [r for r in (m.get("fusion_table") or {}).get("rows", []) if r.get("kind") in ("teacher", "single")]
+    if not rows or "distractors_rejected" not in rows[0]:
+        return [
             {
-                "teacher": t.get("name") or Path(t["path"]).parent.name,
-                "own_objects": int(own.sum()),
-                "own_right": share(own, pred == cols),
-                "own_other": share(own, pred == k),
-                "foreign_rejected": share(foreign, pred == k),
-                "distractors_rejected": share(distractor, pred == k),
+                "note": "the fusion table has no teacher rows with rejection figures (a run from before they were "
+                "measured): delete data/autolabel/teachers/fusion.json and run the autolabel stage again"
             }
-        )
+        ]
     return rows
 
 
@@ -190,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         "--bar", type=float, default=0.5, help="accepted: top probability at least this (quality.min_auto_confidence)"
     )
     ap.add_argument("--iou", type=float, default=0.6, help="the proposer's NMS IoU (autolabel.iou)")
-    ap.add_argument("--device", default="auto", help="where the teachers run (auto: a GPU when there is one)")
     args = ap.parse_args(argv)
     data = Path(args.data)
     need = [
@@ -204,11 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     labels = contracts.read("labels", need[2])
     auto = labels[labels["origin"] == "auto"].reset_index(drop=True)
-    manifest = pd.read_parquet(need[1])
-    images = manifest[manifest["split"].isin(["pool", "gold"]) & manifest["sha256"].isin(set(auto["sha256"]))]
-    truth_all = contracts.read("labels", need[0])  # distractors too (label_id -1): the teachers' reading needs them
-    truth = truth_all[truth_all["sha256"].isin(set(images["sha256"])) & (truth_all["label_id"] >= 0)]
-    truth = truth.reset_index(drop=True)
+    images = pd.read_parquet(need[1])
+    images = images[images["split"].isin(["pool", "gold"]) & images["sha256"].isin(set(auto["sha256"]))]
+    truth = contracts.read("labels", need[0])
+    truth = truth[truth["sha256"].isin(set(images["sha256"])) & (truth["label_id"] >= 0)].reset_index(drop=True)
     if truth.empty:
         raise SystemExit(f"{data}: no auto-labeled pool or gold image with a true object: nothing to measure.")
     onto = Ontology.load(ROOT / "ontology.yaml")
@@ -220,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "proposer": proposer_recall(data, images, truth, args.iou),
         "teachers": teacher_other(auto, truth, names),
         "prior_shift": prior_shift(auto, truth, len(onto), args.bar),
-        "teachers_alone": teachers_on_gold(data, manifest, truth_all, args.device),
+        "teachers_alone": teachers_alone(data),
     }
     out["seconds"] = round(time.perf_counter() - t0, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -259,10 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         "| teacher | own objects | right | other | other objects rejected | distractors rejected |",
         "|---|---|---|---|---|---|",
         *[
-            f"| {r['teacher']} | {r['own_objects']} | {r['own_right']} | {r['own_other']} | "
-            f"{'—' if r['foreign_rejected'] is None else r['foreign_rejected']} | {r['distractors_rejected']} |"
+            "| " + " | ".join([r["name"], *("—" if r[c] is None else str(r[c]) for c in TEACHER_COLUMNS)]) + " |"
             for r in out["teachers_alone"]
-            if "teacher" in r
+            if "name" in r
         ],
         *[f"\n{r['note']}" for r in out["teachers_alone"] if "note" in r],
         "",

@@ -575,17 +575,19 @@ def prepare_fusion(
     }
     rows = []
     if len(g_crops):
-        gold_out, _, gcalls = _teacher_outputs(teachers, ontology, project.device, g_crops)
+        gold_out, gold_cov, gcalls = _teacher_outputs(teachers, ontology, project.device, g_crops)
         calls += gcalls
         obj = g_ids >= 0
+        everything = np.ones(k + 1, bool)
 
-        def row(name: str, fused: np.ndarray, kind: str) -> dict[str, Any]:
+        def row(name: str, fused: np.ndarray, kind: str, cov: np.ndarray = everything) -> dict[str, Any]:
             pred = fused.argmax(1)
             return {
                 "name": name,
                 "kind": kind,
                 "accuracy": round(float((pred == g_cols).mean()), 4),
                 "accuracy_objects": round(float((pred[obj] == g_cols[obj]).mean()), 4) if obj.any() else None,
+                **fz.rejection(fused, cov, g_cols),
             }
 
         fused = {name: fusion(gold_out) for name, fusion in strategies.items()}  # uncalibrated (T 1)
@@ -605,15 +607,15 @@ def prepare_fusion(
         i_single = next((i for i, t in enumerate(teachers) if single and t["path"] == single["path"]), None)
         if single is not None:
             if i_single is not None:
-                single_out = gold_out[i_single]
+                single_out, single_cov = gold_out[i_single], gold_cov[i_single]
             else:
-                s_out, _, scalls = _teacher_outputs([single], ontology, project.device, g_crops)
+                s_out, s_cov, scalls = _teacher_outputs([single], ontology, project.device, g_crops)
                 calls += scalls
-                single_out = s_out[0]
-            rows.append(row("single all-domain model", single_out, "single"))
+                single_out, single_cov = s_out[0], s_cov[0]
+            rows.append(row("single all-domain model", single_out, "single", single_cov))
         rows += [
-            row(f"{t['name']} alone", o, "teacher")
-            for i, (t, o) in enumerate(zip(teachers, gold_out, strict=True))
+            row(f"{t['name']} alone", o, "teacher", c)
+            for i, (t, o, c) in enumerate(zip(teachers, gold_out, gold_cov, strict=True))
             if i != i_single
         ]
     table["rows"] = rows
@@ -639,12 +641,16 @@ def format_fusion_table(table: dict[str, Any]) -> str:
     lines = [
         f"fusion table — accuracy on {table.get('gold_crops', 0)} gold crops ({table.get('gold_objects', 0)} objects, "
         f"the rest distractors = other); fitted on {table.get('train_crops', 0)} labeled crops",
-        f"{'':28s} {'all':>7s} {'objects':>8s} {'vs single':>10s}",
+        f"{'':28s} {'all':>7s} {'objects':>8s} {'vs single':>10s}   rejects (says other): other domains, distractors",
     ]
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     for r in table.get("rows", []):
         vs = f"{r['vs_single_pct']:+.1f}%" if "vs_single_pct" in r else ""
-        ao = f"{r['accuracy_objects']:.3f}" if r.get("accuracy_objects") is not None else "-"
-        lines.append(f"{r['name']:28s} {r['accuracy']:7.3f} {ao:>8s} {vs:>10s}")
+        rej = f"{cell(r.get('foreign_rejected')):>8s} {cell(r.get('distractors_rejected')):>8s}"
+        lines.append(f"{r['name']:28s} {r['accuracy']:7.3f} {cell(r.get('accuracy_objects')):>8s} {vs:>10s}   {rej}")
     cal = fz.describe_calibration(table.get("calibration"))
     if cal:
         lines.append(cal)

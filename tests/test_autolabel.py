@@ -107,6 +107,10 @@ def test_labels_soft_labels_review_queue_and_metrics(world, ontology):
     assert set(pr["per_class"]) == set(ontology.names_zh.values())
     names = {row["name"] for row in m["fusion_table"]["rows"]}
     assert {"vote", "weighted", "product", "stacked", "single all-domain model"} <= names
+    # each expert's row says how it treats other domains' objects and the distractors (who is the weak rejector)
+    experts = [row for row in m["fusion_table"]["rows"] if row["kind"] == "teacher"]
+    assert experts and all(0 <= row["foreign_rejected"] <= 1 and row["own_objects"] > 0 for row in experts)
+    assert all(0 <= row["distractors_rejected"] <= 1 for row in m["fusion_table"]["rows"])
     # the fused confidence is calibrated (autolabel.fusion.calibrate): the labeler uses the fitted temperature
     cal = m["fusion_table"]["calibration"]
     teacher = json.loads((data / "autolabel" / "teacher.json").read_text(encoding="utf-8"))

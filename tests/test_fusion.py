@@ -74,6 +74,19 @@ def test_product_is_the_weighted_geometric_mean_when_every_teacher_covers_everyt
     assert fz.product([t, plant], [no_other, COV_B], [1.0, 1.0]).argmax(1)[0] == 2
 
 
+def test_rejection_reads_an_experts_own_classes_other_domains_and_distractors_apart():
+    # the animal expert (classes 0, 1): a cat named right, a dog named other, a rose named cat, a distractor rejected
+    a = onto_probs([{0: 0.9, 4: 0.1}, {4: 0.7, 1: 0.3}, {0: 0.6, 4: 0.4}, {4: 0.8, 0: 0.2}])
+    r = fz.rejection(a, COV_A, np.array([0, 1, 2, 4]))
+    assert r == {
+        "own_objects": 2,
+        "own_right": 0.5,
+        "own_other": 0.5,
+        "foreign_rejected": 0.0,
+        "distractors_rejected": 1.0,
+    }
+
+
 def test_vote_majority_and_abstention():
     t1 = onto_probs([{1: 0.6, 4: 0.4}])
     t2 = onto_probs([{1: 0.8, 4: 0.2}])

@@ -85,9 +85,7 @@ def weighted(probs: Sequence[np.ndarray], coverage: Sequence[np.ndarray], weight
     return (out / np.where(s > 0, s, 1.0)).astype(np.float32)
 
 
-def product(
-    probs: Sequence[np.ndarray], coverage: Sequence[np.ndarray], weights: Sequence[float], eps: float = 1e-6
-) -> np.ndarray:
+def product(probs: Sequence[np.ndarray], coverage: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """``softmax(sum_t w_t log q_t)`` with ``q_t(c) = p_t(c)`` where teacher t covers c, else ``p_t(other)``.
 
     A teacher that cannot say "other" puts all its mass on its own classes; its silence on the others is then no
@@ -98,10 +96,31 @@ def product(
     logs = np.zeros(probs[0].shape, np.float64)
     for w, p, cov in zip(weights, probs, coverage, strict=True):
         cov = np.asarray(cov, bool)
-        p = np.clip(np.asarray(p, np.float64), eps, 1.0)
-        rest = p[:, k : k + 1] if cov[k] else np.full((len(p), 1), 1.0 / max(int(cov.sum()), 1))
-        logs += w * np.log(np.where(cov[None, :], p, rest))
+        lp = _log(p)
+        rest = lp[:, k : k + 1] if cov[k] else np.full((len(lp), 1), -np.log(max(int(cov.sum()), 1)))
+        logs += w * np.where(cov[None, :], lp, rest)
     return softmax(logs, axis=1).astype(np.float32)
+
+
+def rejection(probs: np.ndarray, coverage: np.ndarray, cols: np.ndarray) -> dict[str, float | None]:
+    """How one opinion treats labeled crops (``cols``: column K = a distractor): of the objects of the classes it
+    covers, the share named right and "other"; of the other objects and of the distractors, the share it rejects
+    ("other"). An expert that cannot say "not mine" turns distractors and other domains into its classes."""
+    k = probs.shape[1] - 1
+    pred = np.asarray(probs).argmax(1)
+    cov = np.asarray(coverage, bool)[cols]
+    own, foreign, distractor = cov & (cols != k), ~cov, cols == k
+
+    def share(mask: np.ndarray, hit: np.ndarray) -> float | None:
+        return round(float(hit[mask].mean()), 4) if mask.any() else None
+
+    return {
+        "own_objects": int(own.sum()),
+        "own_right": share(own, pred == cols),
+        "own_other": share(own, pred == k),
+        "foreign_rejected": share(foreign, pred == k),
+        "distractors_rejected": share(distractor, pred == k),
+    }
 
 
 def fit_weights(probs: Sequence[np.ndarray], coverage: Sequence[np.ndarray], cols: np.ndarray) -> list[float]:
