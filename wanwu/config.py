@@ -320,7 +320,7 @@ class ServeParams(_Section):
     cascade_threshold: float = Field(0.5, ge=0, le=1, description="boxes below this confidence go to the teacher")
     cascade_cache: int = Field(4096, ge=0, description="teacher answers kept, by crop content hash (LRU)")
     cascade_context: float = Field(
-        1.3, ge=1, description="square crop side = this × the box's longer side (as autolabel.crop_context)"
+        1.0, ge=1, description="square crop side = this × the box's longer side (as autolabel.crop_context)"
     )
     cascade_teacher: str = Field(
         "", description="`module:factory` returning an object with predict_proba(crops) → probs over ontology ids"
@@ -491,7 +491,7 @@ class AutolabelParams(_Section):
     experts: ExpertTrainParams = ExpertTrainParams()
     fusion: FusionParams = FusionParams()
     topk: int = Field(5, ge=1, description="soft labels kept per box (the distill stage reads them)")
-    crop_context: float = Field(1.3, ge=1, description="square crop side = this × the box's longer side")
+    crop_context: float = Field(1.0, ge=1, description="square crop side = this × the box's longer side")
     teacher_threshold: float = Field(0.5, ge=0, le=1, description="teacher's label wins over the proposer's above")
     review_threshold: float = Field(
         0.5, ge=0, le=1, description="boxes whose (calibrated, fusion.calibrate) top probability is below need review"

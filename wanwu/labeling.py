@@ -99,7 +99,7 @@ class LabelerSpec(BaseModel):
     teachers: list[dict[str, Any]]
     fusion: FusionSpec = FusionSpec()
     topk: int = Field(5, ge=1)
-    crop_context: float = Field(1.3, ge=1.0)
+    crop_context: float = Field(1.0, ge=1.0)
     device: str = "auto"
     torch_threads: int | None = None
     proposer_name: str = "proposer"

@@ -260,7 +260,7 @@ class Cascade:
     """
 
     def __init__(
-        self, teacher: Teacher, threshold: float, ontology: Ontology, cache_size: int = 4096, context: float = 1.3
+        self, teacher: Teacher, threshold: float, ontology: Ontology, cache_size: int = 4096, context: float = 1.0
     ) -> None:
         fn = getattr(teacher, "predict_proba", teacher)
         if not callable(fn):
@@ -433,7 +433,7 @@ def measure_cascade(
     ontology: Ontology,
     samples: Sequence[Sample],
     threshold: float = 0.5,
-    context: float = 1.3,
+    context: float = 1.0,
 ) -> dict[str, float]:
     """The cascade's accuracy gain and latency cost on labelled images (the gold set), detector alone vs cascade.
 

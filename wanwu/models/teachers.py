@@ -613,7 +613,7 @@ def build_teacher(spec: dict[str, Any], ontology: Ontology, device: str = "auto"
 # ---- the sample world's default teacher: one expert per domain ---------------------------------------------
 
 
-def square_crop(image: Any, box: Sequence[float], context: float = 1.3) -> Any:
+def square_crop(image: Any, box: Sequence[float], context: float = 1.0) -> Any:
     """A square crop around a box, ``context`` × its longer side, shifted to stay inside the image where it fits
     (so truncated objects keep real pixels around them instead of padding)."""
     x1, y1, x2, y2 = (float(v) for v in box)
@@ -835,7 +835,7 @@ class FusedTeacher:
     """The autolabel stage's teachers and fusion behind one ``predict_proba(crops)`` → (N, K+1) over ontology
     ids, column K = other: what ``serve.cascade_teacher: wanwu.models.teachers:from_params`` loads."""
 
-    def __init__(self, teachers: list[Teacher], ontology: Ontology, fusion: Any, context: float = 1.3):
+    def __init__(self, teachers: list[Teacher], ontology: Ontology, fusion: Any, context: float = 1.0):
         self.teachers = teachers
         self.mappings = [OntologyMapping(t.labels, ontology) for t in teachers]
         self.fusion = fusion
@@ -860,7 +860,7 @@ class FusedTeacher:
         fusion = Fusion(
             f["strategy"], [OntologyMapping(t.labels, ontology).coverage for t in teachers], f.get("weights"), meta
         )
-        return cls(teachers, ontology, fusion, float(d.get("crop_context", 1.3)))
+        return cls(teachers, ontology, fusion, float(d.get("crop_context", 1.3)))  # older files: labeled at 1.3
 
 
 def from_params(params: Any) -> FusedTeacher:
