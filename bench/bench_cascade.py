@@ -22,14 +22,12 @@ def bench(tmp_dir: Path, data_dir: Path = ROOT / "data", threshold: float = 0.5)
     if not onnx.is_file() or not (data_dir / "autolabel" / "teacher.json").is_file():
         return [{"name": "serve cascade on the gold set", "value": None, "unit": "", "goal": "run `make run` first"}]
     params = load_params(ROOT / "params.yaml")
-    teacher = from_params(params)
     m = measure_cascade(
         OnnxDetector(onnx),
-        teacher,
+        from_params(params),
         Ontology.load(params.project.ontology),
         gold_samples(data_dir),
         threshold=threshold,
-        context=teacher.context,  # the crops the teachers were trained and fused on
     )
     return [
         {

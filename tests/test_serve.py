@@ -543,6 +543,23 @@ def test_cascade_crops_are_autolabel_style_squares():
     assert c.crop(img, np.array([5, 5, 5.5, 30])) is None
 
 
+def test_cascade_crops_as_its_teacher_was_trained_unless_told():
+    """serve.cascade_context null: the fused teacher's own crop context (what autolabel trained and fused it on)."""
+    from wanwu.serve import Cascade
+
+    class Fused:
+        context = 1.3
+
+        def predict_proba(self, crops):
+            return np.zeros((len(crops), 16))
+
+    img = np.full((100, 200, 3), 7, np.uint8)
+    box = np.array([90, 40, 110, 60])
+    assert Cascade(Fused(), 0.5, ONTO).crop(img, box).shape == (26, 26, 3)
+    assert Cascade(Fused(), 0.5, ONTO, context=1.5).crop(img, box).shape == (30, 30, 3)
+    assert Cascade(lambda crops: np.zeros((len(crops), 16)), 0.5, ONTO).crop(img, box).shape == (20, 20, 3)
+
+
 def test_a_failing_teacher_degrades_to_the_detector_labels(models):
     from wanwu.serve import FileSource, create_app
 

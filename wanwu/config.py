@@ -319,8 +319,8 @@ class ServeParams(_Section):
     cascade: bool = Field(False, description="re-name low-confidence boxes with the teacher on their crops")
     cascade_threshold: float = Field(0.5, ge=0, le=1, description="boxes below this confidence go to the teacher")
     cascade_cache: int = Field(4096, ge=0, description="teacher answers kept, by crop content hash (LRU)")
-    cascade_context: float = Field(
-        1.0, ge=1, description="square crop side = this × the box's longer side (as autolabel.crop_context)"
+    cascade_context: float | None = Field(
+        None, ge=1, description="square crop side = this × the box's longer side; null: the teacher's own context"
     )
     cascade_teacher: str = Field(
         "", description="`module:factory` returning an object with predict_proba(crops) → probs over ontology ids"

@@ -43,7 +43,15 @@ from pydantic import BaseModel, Field
 from wanwu import contracts
 from wanwu.models.fusion import Fusion, StackedModel
 from wanwu.models.proposer import Proposals, Proposer, file_sha256
-from wanwu.models.teachers import OntologyMapping, Teacher, build_teacher, project_all, square_crop, topk_ids
+from wanwu.models.teachers import (
+    CROP_CONTEXT,
+    OntologyMapping,
+    Teacher,
+    build_teacher,
+    project_all,
+    square_crop,
+    topk_ids,
+)
 from wanwu.ontology import OTHER_ID, Ontology
 
 PART_SCHEMA = pa.schema(
@@ -99,7 +107,7 @@ class LabelerSpec(BaseModel):
     teachers: list[dict[str, Any]]
     fusion: FusionSpec = FusionSpec()
     topk: int = Field(5, ge=1)
-    crop_context: float = Field(1.0, ge=1.0)
+    crop_context: float = Field(CROP_CONTEXT, ge=1.0)
     device: str = "auto"
     torch_threads: int | None = None
     proposer_name: str = "proposer"

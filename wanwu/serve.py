@@ -256,11 +256,17 @@ class Cascade:
 
     The teacher returns probabilities over ontology ids (columns 0..K-1); a column beyond the ontology (the
     autolabel fusion's column K) means "other". Crops are squares of ``context`` × the box's longer side, shifted
-    inside the image where they fit — the crops autolabel's teachers see (``autolabel.crop_context``).
+    inside the image where they fit; ``context`` None: the teacher's own (autolabel's fused teacher carries the
+    ``autolabel.crop_context`` it was trained and fused at), else 1.0.
     """
 
     def __init__(
-        self, teacher: Teacher, threshold: float, ontology: Ontology, cache_size: int = 4096, context: float = 1.0
+        self,
+        teacher: Teacher,
+        threshold: float,
+        ontology: Ontology,
+        cache_size: int = 4096,
+        context: float | None = None,
     ) -> None:
         fn = getattr(teacher, "predict_proba", teacher)
         if not callable(fn):
@@ -269,7 +275,7 @@ class Cascade:
         self.threshold = float(threshold)
         self.ontology = ontology
         self.cache_size = int(cache_size)
-        self.context = float(context)
+        self.context = float(context if context is not None else getattr(teacher, "context", 1.0))
         self._cache: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -433,7 +439,7 @@ def measure_cascade(
     ontology: Ontology,
     samples: Sequence[Sample],
     threshold: float = 0.5,
-    context: float = 1.0,
+    context: float | None = None,
 ) -> dict[str, float]:
     """The cascade's accuracy gain and latency cost on labelled images (the gold set), detector alone vs cascade.
 

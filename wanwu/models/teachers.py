@@ -612,8 +612,10 @@ def build_teacher(spec: dict[str, Any], ontology: Ontology, device: str = "auto"
 
 # ---- the sample world's default teacher: one expert per domain ---------------------------------------------
 
+CROP_CONTEXT = 1.0  # square crop side / the box's longer side (autolabel.crop_context's default; README: 1.3 → 1.0)
 
-def square_crop(image: Any, box: Sequence[float], context: float = 1.0) -> Any:
+
+def square_crop(image: Any, box: Sequence[float], context: float = CROP_CONTEXT) -> Any:
     """A square crop around a box, ``context`` × its longer side, shifted to stay inside the image where it fits
     (so truncated objects keep real pixels around them instead of padding)."""
     x1, y1, x2, y2 = (float(v) for v in box)
@@ -835,7 +837,7 @@ class FusedTeacher:
     """The autolabel stage's teachers and fusion behind one ``predict_proba(crops)`` → (N, K+1) over ontology
     ids, column K = other: what ``serve.cascade_teacher: wanwu.models.teachers:from_params`` loads."""
 
-    def __init__(self, teachers: list[Teacher], ontology: Ontology, fusion: Any, context: float = 1.0):
+    def __init__(self, teachers: list[Teacher], ontology: Ontology, fusion: Any, context: float = CROP_CONTEXT):
         self.teachers = teachers
         self.mappings = [OntologyMapping(t.labels, ontology) for t in teachers]
         self.fusion = fusion
