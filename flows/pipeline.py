@@ -47,37 +47,42 @@ def pipeline(
 
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
-    # one pipeline at a time per project (a second one waits), and each stage under its own lock as `wanwu stage` takes
-    with (
-        stage_lock(root, "pipeline"),
-        mlflow.start_run(run_name="pipeline", tags={"wanwu.stage": "pipeline", **tracking.owner_tags()}) as parent,
-    ):
-        os.environ[tracking.PARENT_ENV] = parent.info.run_id
-        try:
-            for stage in stages or STAGES:
-                module = _stage_module(stage)
-                if module is None:
-                    logger.warning("stage %s is not built yet: the run stops before it", stage)
-                    break
-                started = time.perf_counter()
-                if runs_remotely(stage, params.orchestration):  # a deployment on the gpu pool
-                    results[stage] = run_stage(stage, params, params_path=params_path, overrides=overrides)
-                else:
-                    key, refresh = stage_key(root, stage, params), bool(missing_outputs(root, stage))
-                    task = cached(getattr(module, f"{stage}_task"), key, refresh=refresh)
-                    with stage_lock(root, stage):
-                        results[stage] = task(getattr(params, stage), params.project)
-                timings[stage] = time.perf_counter() - started
-                mlflow.log_metric(f"seconds_{stage}", timings[stage])
-                if hasattr(module, "print_summary"):
-                    module.print_summary(results[stage])
-        finally:
-            os.environ.pop(tracking.PARENT_ENV, None)
-            # The report is written whatever happened: a refused promotion is exactly what a user wants to read.
-            report = _report(params.project.data_dir, root, timings, parent.info.run_id)
-    _print_timings(timings, params.project.data_dir, tracking.setup(root))
-    if report is not None:
-        print(f"run report: {report}")
+    report: Path | None = None
+    try:
+        # one pipeline at a time per project (a second one waits), each stage under its own lock as `wanwu stage` takes
+        with (
+            stage_lock(root, "pipeline"),
+            mlflow.start_run(run_name="pipeline", tags={"wanwu.stage": "pipeline", **tracking.owner_tags()}) as parent,
+        ):
+            os.environ[tracking.PARENT_ENV] = parent.info.run_id
+            try:
+                for stage in stages or STAGES:
+                    module = _stage_module(stage)
+                    if module is None:
+                        logger.warning("stage %s is not built yet: the run stops before it", stage)
+                        break
+                    started = time.perf_counter()
+                    if runs_remotely(stage, params.orchestration):  # a deployment on the gpu pool
+                        results[stage] = run_stage(stage, params, params_path=params_path, overrides=overrides)
+                    else:
+                        key, refresh = stage_key(root, stage, params), bool(missing_outputs(root, stage))
+                        task = cached(getattr(module, f"{stage}_task"), key, refresh=refresh)
+                        with stage_lock(root, stage):
+                            results[stage] = task(getattr(params, stage), params.project)
+                    timings[stage] = time.perf_counter() - started
+                    mlflow.log_metric(f"seconds_{stage}", timings[stage])
+                    if hasattr(module, "print_summary"):
+                        module.print_summary(results[stage])
+            finally:
+                os.environ.pop(tracking.PARENT_ENV, None)
+                # The report is written whatever happened: a refused promotion is exactly what a user wants to read.
+                report = _report(params.project.data_dir, root, timings, parent.info.run_id)
+    finally:
+        # what ran, how long and where the report is, whatever happened (a gate refusal, a stage's error)
+        if timings:
+            _print_timings(timings, params.project.data_dir, tracking.setup(root))
+        if report is not None:
+            print(f"run report: {report}")
     return results
 
 

@@ -54,3 +54,39 @@ def test_monitor_without_a_champion_says_so(harness, project: Path, capsys):
     state = monitor(params_path=str(project / "params.yaml"), return_state=True)
     assert state.is_completed() and state.result() is None
     assert "no champion registered yet" in capsys.readouterr().out
+
+
+def test_a_run_that_stops_still_shows_what_ran_and_where_its_report_is(harness, project: Path, capsys):
+    """A stage that fails (here promote, with nothing evaluated) ends the flow failed, after the timings of what
+    finished and the run report's path are printed: a refused promotion is the usual end of a retrain."""
+    from flows.pipeline import pipeline
+    from tasks.promote import StageInputMissing
+
+    with pytest.raises(StageInputMissing, match="wanwu stage"):
+        pipeline(params_path=str(project / "params.yaml"), stages=["collect", "promote"])
+    out = capsys.readouterr().out
+    assert "wanwu pipeline" in out and "collect" in out and "total" in out  # the timings table
+    report = next(line for line in out.splitlines() if line.startswith("run report: ")).split(": ", 1)[1]
+    assert Path(report).is_file()
+
+
+def test_wanwu_run_ends_a_refused_promotion_with_its_reason_and_exit_3(project: Path, monkeypatch):
+    """The gate's refusal is a decision, not a crash: `wanwu run` prints its reason (no traceback) and exits 3, as
+    `wanwu stage promote` does, so a scheduler tells it apart from a failure (1)."""
+    from typer.testing import CliRunner
+
+    import flows.pipeline
+    from wanwu.cli import app
+    from wanwu.registry import Check, Decision, PromotionRefused
+
+    beats = Check("beats champion", False, 0.58, 0.59, "mAP50-95 0.58 vs champion 0.58 + margin 0.01", "improve it")
+    decision = Decision("refused", "wanwu-detector", "2", "1", "1", "gate", checks=[beats])
+
+    def refused(**_):
+        raise PromotionRefused(decision)
+
+    monkeypatch.setattr(flows.pipeline, "pipeline", refused)
+    out = CliRunner().invoke(app, ["run", "-p", str(project / "params.yaml")])
+    assert out.exit_code == 3, out.output
+    assert "version 2 refused; champion stays version 1" in out.output and "beats champion" in out.output
+    assert "Traceback" not in out.output
