@@ -89,7 +89,12 @@ def _listing_hash(folder: Path, pattern: str = "**/*") -> str:
 
 
 def _frame_hash(df: pd.DataFrame) -> str:
-    return hashlib.sha256(pd.util.hash_pandas_object(df.astype(str), index=False).values.tobytes()).hexdigest()[:16]
+    """Hash of a frame's columns and rows. Not via ``str()``: numpy prints arrays (the top-k columns) by global print
+    options, and ultralytics changes them on import, so a run that trained the proposer first hashed the same seed
+    boxes differently from the next run and retrained every expert (and refitted the fusion) for nothing."""
+    rows = df.to_dict("split")["data"]
+    text = json.dumps([list(map(str, df.columns)), rows], default=lambda v: np.asarray(v).tolist())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -383,3 +383,28 @@ def test_prefect_fan_out_on_threads_and_a_local_dask_cluster_of_two_workers(worl
             stats = labeling.run_shards(spec, items, shard_size=3, map_fn=prefect_map(runner, workers=2))
             assert stats.labeled_images == len(items) and stats.shards > 2 and stats.model_calls > 0, runner
             assert assembled(spec, items, tmp_path / f"{runner}.parquet") == expected, runner
+
+
+def test_the_seed_boxes_hash_ignores_numpy_print_options():
+    """The experts' and the fusion's cache keys hash the seed boxes; ultralytics changes numpy's print options on
+    import, which made the first run's key differ from every later one (the experts retrained for nothing)."""
+    import numpy as np
+    import pandas as pd
+
+    from tasks.autolabel import _frame_hash
+
+    boxes = pd.DataFrame(
+        {
+            "sha256": ["a", "b"],
+            "x1": [1.0, 2.5],
+            "topk_ids": [np.array([5], np.int32), np.array([6, -1], np.int32)],
+            "topk_probs": [np.array([1.0], np.float32), np.array([0.75, 0.25], np.float32)],
+        }
+    )
+    plain = _frame_hash(boxes)
+    with np.printoptions(linewidth=320, formatter={"float_kind": "{:11.5g}".format}):  # what ultralytics sets
+        assert _frame_hash(boxes) == plain
+    changed = boxes.copy()
+    changed.at[1, "topk_probs"] = np.array([0.7, 0.3], np.float32)
+    assert _frame_hash(changed) != plain  # still a hash of the content
+    assert _frame_hash(boxes.rename(columns={"x1": "x2"})) != plain
