@@ -490,3 +490,28 @@ def test_boxes_the_proposer_was_unsure_of_become_ignore_regions_not_labels(tmp_p
     weak_here = weak.loc[weak["sha256"].isin(trainable), ["sha256", "x1", "y1", "x2", "y2"]]
     assert len(weak_here) and len(weak_here.merge(ignore)) == len(weak_here)  # each one is painted over
     assert q.ignore_regions(scored, images, []).empty  # ignore_reasons: [] paints nothing
+
+
+def test_other_boxes_the_teachers_were_unsure_of_are_painted_not_taught_as_background(tmp_path, ontology):
+    """quality.min_other_confidence: an "other" the teachers were unsure of may be an object they could not name;
+    it is left out as unsure_other and painted over, while sure "other" boxes stay in the picture as background."""
+    project = _project(tmp_path)
+    make_world(project.data_dir, 40, classes=(0, 1, 2), seed=11)
+    inputs = q.load_inputs(project.data_dir)
+    assert not (q.analyse(inputs, P, ontology, None).auto_scored["reason"] == "unsure_other").any()  # 0: off
+    strict = P.model_copy(update={"min_other_confidence": 0.8})
+    analysis = q.analyse(inputs, strict, ontology, None)
+    scored, images = analysis.auto_scored, analysis.images
+    other = scored["label_id"] == -1
+    unsure = other & (scored["confidence"] < 0.8)
+    assert unsure.any() and (other & ~unsure).any()
+    assert (scored.loc[unsure, "reason"] == "unsure_other").all()
+    assert (scored.loc[other & ~unsure, "reason"] == "other").all()
+    assert not scored.loc[other, "passes"].any()  # neither kind is a label
+    ignore = q.ignore_regions(scored, images, strict.ignore_reasons)
+    trainable = set(images.loc[(images["label_origin"] == "auto") & images["split"].isin(["train", "val"]), "sha256"])
+    cols = ["sha256", "x1", "y1", "x2", "y2"]
+    unsure_here = scored.loc[unsure & scored["sha256"].isin(trainable), cols]
+    sure_here = scored.loc[other & ~unsure & scored["sha256"].isin(trainable), cols]
+    assert len(unsure_here) and len(unsure_here.merge(ignore)) == len(unsure_here)  # each one is painted over
+    assert len(sure_here) and sure_here.merge(ignore).empty  # the sure ones are not

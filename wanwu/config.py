@@ -187,8 +187,17 @@ class QualityParams(_Section):
         description="auto boxes the proposer found less sure than this are left out (its box may be "
         "loose even when the teachers agree on the name)",
     )
-    ignore_reasons: list[Literal["needs_review", "low_confidence", "low_proposer_conf", "other", "duplicate"]] = Field(
-        default_factory=lambda: ["needs_review", "low_confidence", "low_proposer_conf"],
+    min_other_confidence: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="auto boxes the teachers call 'other' less sure than this are left out as 'unsure_other' (painted "
+        "out when that is an ignore reason) instead of staying in the picture as background; 0: every 'other' stays",
+    )
+    ignore_reasons: list[
+        Literal["needs_review", "low_confidence", "low_proposer_conf", "unsure_other", "other", "duplicate"]
+    ] = Field(
+        default_factory=lambda: ["needs_review", "low_confidence", "low_proposer_conf", "unsure_other"],
         description="auto boxes left out for these reasons are painted grey in the dataset's copy of their image "
         "(an ignore region: an unsure object must not be taught as background); [] keeps the images as they are",
     )

@@ -296,7 +296,11 @@ def select(
     # auto boxes: filters, then class-aware NMS among the survivors
     a = _labels_frame(inputs.auto).copy()
     reason = np.full(len(a), "", dtype=object)
-    reason[(a["label_id"] == OTHER_ID).to_numpy()] = "other"
+    other = (a["label_id"] == OTHER_ID).to_numpy()
+    # an unsure "other" is as likely an object the teachers could not name: not taught as background either
+    unsure_other = other & (a["confidence"].fillna(0) < params.min_other_confidence).to_numpy()
+    reason[other & ~unsure_other] = "other"
+    reason[unsure_other] = "unsure_other"
     review = a["needs_review"].fillna(False).astype(bool).to_numpy()
     if not params.include_needs_review:
         reason[(reason == "") & review] = "needs_review"
