@@ -93,8 +93,13 @@ def _frame_hash(df: pd.DataFrame) -> str:
     options, and ultralytics changes them on import, so a run that trained the proposer first hashed the same seed
     boxes differently from the next run and retrained every expert (and refitted the fusion) for nothing."""
     rows = df.to_dict("split")["data"]
-    text = json.dumps([list(map(str, df.columns)), rows], default=lambda v: np.asarray(v).tolist())
+    text = json.dumps([list(map(str, df.columns)), rows], default=_jsonable)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _jsonable(v: Any) -> Any:
+    """numpy arrays and scalars as Python values; anything else json cannot write (pd.NA, timestamps) as its text."""
+    return v.tolist() if isinstance(v, np.ndarray | np.generic) else str(v)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -408,3 +408,5 @@ def test_the_seed_boxes_hash_ignores_numpy_print_options():
     changed.at[1, "topk_probs"] = np.array([0.7, 0.3], np.float32)
     assert _frame_hash(changed) != plain  # still a hash of the content
     assert _frame_hash(boxes.rename(columns={"x1": "x2"})) != plain
+    nullable = boxes.assign(flag=pd.array([True, None], dtype="boolean"))  # pd.NA is no json value: its text
+    assert _frame_hash(nullable) == _frame_hash(nullable.copy()) != plain
