@@ -75,10 +75,9 @@ def pipeline(
                         module.print_summary(results[stage])
             finally:
                 os.environ.pop(tracking.PARENT_ENV, None)
-                # The report is written whatever happened: a refused promotion is exactly what a user wants to read.
                 report = _report(params.project.data_dir, root, timings, parent.info.run_id)
     finally:
-        # what ran, how long and where the report is, whatever happened (a gate refusal, a stage's error)
+        # the report, what ran and how long, whatever happened: a refused promotion is what a user wants to read
         if timings:
             _print_timings(timings, params.project.data_dir, tracking.setup(root))
         if report is not None:

@@ -35,6 +35,16 @@ class CanaryFailed(RuntimeError):
     """The new champion did not reproduce its figure from the registry's artifacts; it was rolled back."""
 
 
+GATE_EXIT = 3  # a gate failure's exit code, told apart from a crash (1) by dvc repro, CI and schedulers
+
+
+def gate_failures() -> tuple[type[Exception], ...]:
+    """The decisions that end a run without being crashes: a refusal by the gate, a canary that rolled back."""
+    from wanwu.registry import PromotionRefused
+
+    return (PromotionRefused, CanaryFailed)
+
+
 class PromoteResult(BaseModel):
     decision: str
     version: str | None
@@ -123,13 +133,11 @@ def print_summary(r: PromoteResult) -> None:
 
 def run_stage(params: Params) -> PromoteResult:
     """`wanwu stage promote` (what `dvc repro` calls). A refusal exits non-zero with the gate's reason."""
-    from wanwu.registry import PromotionRefused
-
     try:
         r = run(params.promote, params.project)
-    except (PromotionRefused, CanaryFailed) as e:
+    except gate_failures() as e:
         print(f"promote: {e}", file=sys.stderr)
-        raise SystemExit(3) from None  # a gate failure, told apart from a crash (1) by dvc repro and CI
+        raise SystemExit(GATE_EXIT) from None
     print_summary(r)
     return r
 

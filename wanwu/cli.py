@@ -102,14 +102,13 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, profile: P
     """
     p = _load(params, set_, profile)
     from flows.pipeline import pipeline
-    from tasks.promote import CanaryFailed
-    from wanwu.registry import PromotionRefused
+    from tasks.promote import GATE_EXIT, gate_failures
 
     try:
         pipeline(params_path=str(params.resolve()), overrides=_overrides(set_, profile))
-    except (PromotionRefused, CanaryFailed) as e:  # the gate's decision, not a crash: its reason, no traceback
+    except gate_failures() as e:  # the gate's decision, not a crash: its reason, no traceback (as `wanwu stage`)
         typer.secho(f"promote: {e}", fg="red", err=True)
-        raise typer.Exit(3) from None  # as `wanwu stage promote`: a gate failure, told apart from a crash (1)
+        raise typer.Exit(GATE_EXIT) from None
     _ = p
 
 

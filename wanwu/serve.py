@@ -53,6 +53,7 @@ from pydantic import BaseModel, Field
 
 from wanwu.config import ServeParams, usable_cores
 from wanwu.images import pil_open
+from wanwu.models.teachers import CROP_CONTEXT
 from wanwu.onnx_model import Detections, OnnxDetector, Prepared, find_onnx, reduced_jpeg_factor
 from wanwu.ontology import OTHER_EN, OTHER_ID, OTHER_ZH, Ontology
 
@@ -257,7 +258,7 @@ class Cascade:
     The teacher returns probabilities over ontology ids (columns 0..K-1); a column beyond the ontology (the
     autolabel fusion's column K) means "other". Crops are squares of ``context`` × the box's longer side, shifted
     inside the image where they fit; ``context`` None: the teacher's own (autolabel's fused teacher carries the
-    ``autolabel.crop_context`` it was trained and fused at), else 1.0.
+    ``autolabel.crop_context`` it was trained and fused at), else autolabel's default.
     """
 
     def __init__(
@@ -275,7 +276,7 @@ class Cascade:
         self.threshold = float(threshold)
         self.ontology = ontology
         self.cache_size = int(cache_size)
-        self.context = float(context if context is not None else getattr(teacher, "context", 1.0))
+        self.context = float(context if context is not None else getattr(teacher, "context", CROP_CONTEXT))
         self._cache: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
