@@ -81,3 +81,14 @@ def test_missing_inputs_say_which_stage_writes_them(tmp_path):
         evaluate.run(EvaluateParams(), ProjectParams(data_dir=tmp_path / "data", ontology=REPO / "ontology.yaml"))
     with pytest.raises(EvaluationError, match="weights not found"):
         evaluate_model(tmp_path / "nope.pt", tmp_path / "data.yaml")
+
+
+@pytest.mark.parametrize(
+    ("train_imgsz", "scale", "expected"),
+    [(256, 1.125, 288), (320, 1.125, 352), (64, 1.125, 64), (640, 1.0, 640), (320, 1.3, 416), (20, 1.0, 32)],
+)
+def test_inference_size_is_the_training_size_scaled_to_the_stride(train_imgsz, scale, expected):
+    from wanwu.evaluation import inference_imgsz
+
+    # ultralytics rounds a misaligned size up (320 × 1.125 = 360 would run at 384); ours goes to the nearest
+    assert inference_imgsz(train_imgsz, scale) == expected

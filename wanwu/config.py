@@ -345,7 +345,15 @@ class EvaluateParams(_Section):
     )
     include_champion: bool = Field(True, description="also measure the registry's champion on the same gold set")
     split: str = Field("test", description="the gold split of data/quality/dataset/data.yaml")
-    imgsz: int | None = Field(None, ge=32, description="null: the first candidate's training imgsz, for every model")
+    imgsz: int | None = Field(
+        None, ge=32, description="null: the first candidate's training imgsz × imgsz_scale, for every model"
+    )
+    imgsz_scale: float = Field(
+        1.125,
+        gt=0,
+        description="with imgsz null: inference at the training size × this, to a multiple of 32 (mosaic and scale "
+        "augmentation show the student its objects larger than a plain resize does; FixRes, Touvron et al. 2019)",
+    )
     batch: int = Field(16, ge=1)
     conf: float = Field(0.001, ge=0, le=1, description="ultralytics' validation default: mAP needs the low scores")
     iou: float = Field(0.7, gt=0, le=1)

@@ -41,6 +41,12 @@ def model_imgsz(weights: str | Path, default: int = 640) -> int:
     return int(imgsz[0] if isinstance(imgsz, (list, tuple)) else imgsz)
 
 
+def inference_imgsz(train_imgsz: int, scale: float, stride: int = 32) -> int:
+    """The size to run a model trained at ``train_imgsz`` at: ``train_imgsz × scale``, to the nearest multiple of
+    the stride (ultralytics would round a misaligned size up, not to the nearest)."""
+    return max(stride, int(round(train_imgsz * scale / stride)) * stride)
+
+
 def split_images(data_yaml: str | Path, split: str) -> list[Path]:
     """The image files of one split of an ultralytics data.yaml (folder, list file or list of either)."""
     data_yaml = Path(data_yaml)
