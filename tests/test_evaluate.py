@@ -92,3 +92,40 @@ def test_inference_size_is_the_training_size_scaled_to_the_stride(train_imgsz, s
 
     # ultralytics rounds a misaligned size up (320 × 1.125 = 360 would run at 384); ours goes to the nearest
     assert inference_imgsz(train_imgsz, scale) == expected
+
+
+@pytest.mark.slow
+def test_the_run_report_draws_the_evaluated_best_model_at_the_evaluated_size(tmp_path, shapes_checkpoints, monkeypatch):
+    """The report's example detections are the model the evaluation chose (train here, though distill exists) at the
+    size it was measured at, not the first checkpoint found at its training size."""
+    from ultralytics import YOLO
+
+    from wanwu import run_report
+
+    ckpts = shapes_checkpoints
+    root = make_project(
+        tmp_path, ckpts["data"], {"train": ckpts["best"], "distill": ckpts["weak"]}, REPO / "ontology.yaml"
+    )
+    data = root / "data"
+    (data / "evaluate").mkdir()
+    metrics = {
+        "gold": {"imgsz": 96},
+        "best": "train",
+        "models": {"train": {"weights": str(data / "train" / "best.pt")}, "distill": {"weights": "x"}},
+    }
+    (data / "evaluate" / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    sizes = []
+    predict = YOLO.predict
+
+    def spy(self, *args, **kwargs):
+        sizes.append(kwargs.get("imgsz"))
+        return predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(YOLO, "predict", spy)
+    section = run_report._detections(data, tmp_path / "report", n=2)
+    assert [caption.split(" ")[0] for _, caption in section.figures] == ["train", "train"]
+    assert sizes == [96, 96] and all(path.stat().st_size > 1_000 for path, _ in section.figures)
+
+    (data / "evaluate" / "metrics.json").unlink()  # before an evaluation: distill's checkpoint, its own size
+    section = run_report._detections(data, tmp_path / "report", n=1)
+    assert section.figures[0][1].startswith("distill") and sizes[-1] is None

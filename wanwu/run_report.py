@@ -143,8 +143,13 @@ def _decision(data_dir: Path) -> Section:
 
 
 def _detections(data_dir: Path, out_dir: Path, n: int = 4) -> Section:
-    """The best candidate on a few gold images, drawn by ultralytics (Chinese names in the CJK font)."""
-    weights = next((p for p in (data_dir / "distill" / "best.pt", data_dir / "train" / "best.pt") if p.is_file()), None)
+    """The best candidate on a few gold images at the evaluated size, drawn by ultralytics (Chinese names in the CJK
+    font). Before an evaluation: distill's checkpoint, else train's, at their training size."""
+    ev = _json(data_dir / "evaluate" / "metrics.json") or {}
+    best = Path((ev.get("models", {}).get(ev.get("best")) or {}).get("weights", ""))
+    order = (best, data_dir / "distill" / "best.pt", data_dir / "train" / "best.pt")
+    weights = next((p for p in order if p.suffix == ".pt" and p.is_file()), None)
+    imgsz = (ev.get("gold") or {}).get("imgsz") if weights == best else None
     test_dir = data_dir / "quality" / "dataset" / "images" / "test"
     if weights is None or not test_dir.is_dir():
         return _missing("train")
@@ -155,7 +160,7 @@ def _detections(data_dir: Path, out_dir: Path, n: int = 4) -> Section:
     model = YOLO(str(weights))
     figures = []
     for i, img in enumerate(images):
-        res = model.predict(str(img), conf=0.25, verbose=False, device="cpu")[0]
+        res = model.predict(str(img), conf=0.25, verbose=False, device="cpu", **({"imgsz": imgsz} if imgsz else {}))[0]
         plotted = res.plot(pil=True, line_width=1, font_size=11)  # Chinese names need ultralytics' PIL drawing
         path = out_dir / f"detections_{i}.png"
         out_dir.mkdir(parents=True, exist_ok=True)
