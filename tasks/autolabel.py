@@ -738,6 +738,7 @@ def proposer_spec(params: AutolabelParams, proposer: Path) -> ProposerSpec:
         max_det=params.max_det,
         class_aware=params.class_aware,
         batch_size=params.proposer_batch,
+        augment=params.augment,
     )
 
 

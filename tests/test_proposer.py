@@ -125,3 +125,21 @@ def test_champion_from_the_registry(tmp_path, detector):
     client.set_registered_model_alias(name, "champion", mv.version)
     got = pz.champion_checkpoint(tmp_path, tmp_path / "c", model_name=name)
     assert got is not None and got.name == "det.pt" and got.read_bytes() == detector.read_bytes()
+
+
+def test_test_time_augmentation_is_a_knob_of_the_boxes_and_of_the_cache_key(detector, ontology):
+    """ultralytics' flip-and-scale TTA runs through the same batching and pixel mapping; it changes the cache key,
+    and leaving it off keeps the keys of projects labeled before the knob existed."""
+    from wanwu.labeling import ProposerSpec
+
+    plain = pz.Proposer(detector, ontology, imgsz=64, conf=0.0, max_det=50, device="cpu")
+    tta = pz.Proposer(detector, ontology, imgsz=64, conf=0.0, max_det=50, device="cpu", augment=True)
+    ims = images()
+    for a, b, im in zip(plain.propose(ims), tta.propose(ims), ims, strict=True):
+        w, h = im.size
+        assert 0 < len(b) <= 50 and (b.xyxy[:, [0, 2]] <= w).all() and (b.xyxy[:, [1, 3]] <= h).all()
+        assert len(a) != len(b) or not np.allclose(a.conf, b.conf)  # the flipped and scaled passes add their boxes
+    assert tta.calls == plain.calls == 1
+    assert tta.version() != plain.version()
+    assert "augment" not in ProposerSpec(weights=str(detector)).model_dump()
+    assert ProposerSpec(weights=str(detector), augment=True).model_dump()["augment"] is True

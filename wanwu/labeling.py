@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_serializer
 
 from wanwu import contracts
 from wanwu.models.fusion import Fusion, StackedModel
@@ -88,6 +88,15 @@ class ProposerSpec(BaseModel):
     max_det: int = 100
     class_aware: bool = True
     batch_size: int = 16
+    augment: bool = False
+
+    @model_serializer(mode="wrap")
+    def _omit_augment_when_off(self, handler: Any) -> dict[str, Any]:
+        # the labeling cache and the experts' fingerprint hash this dump: without TTA it stays what it was
+        out = handler(self)
+        if not self.augment:
+            out.pop("augment", None)
+        return out
 
 
 class FusionSpec(BaseModel):

@@ -103,6 +103,7 @@ class Proposer:
         class_aware: bool = True,
         device: str = "auto",
         batch_size: int = 16,
+        augment: bool = False,
     ):
         import torch
 
@@ -128,6 +129,7 @@ class Proposer:
         self.imgsz = max(self.stride, int(np.ceil(self.imgsz / self.stride) * self.stride))
         self.conf, self.iou, self.max_det = conf, iou, max_det
         self.class_aware = class_aware
+        self.augment = augment  # ultralytics' flip-and-scale TTA (DetectionModel._predict_augment)
         self.batch_size = max(1, batch_size)
         index = name_index(ontology)
         self.class_map = np.array(
@@ -151,6 +153,7 @@ class Proposer:
                 "iou": self.iou,
                 "max_det": self.max_det,
                 "class_aware": self.class_aware,
+                **({"augment": True} if self.augment else {}),  # absent when off: older caches stay valid
             }
             h = hashlib.sha256(file_sha256(self.weights).encode())
             h.update(json.dumps(knobs, sort_keys=True).encode())
@@ -168,7 +171,8 @@ class Proposer:
             chunk = arrays[start : start + self.batch_size]
             x, metas = letterbox_batch(chunk, self.imgsz)
             with self._lock, torch.inference_mode():
-                preds = self.model(torch.from_numpy(x).to(self.device).contiguous(memory_format=torch.channels_last))
+                x = torch.from_numpy(x).to(self.device).contiguous(memory_format=torch.channels_last)
+                preds = self.model(x, augment=True) if self.augment else self.model(x)
                 dets = nms.non_max_suppression(
                     preds,
                     self.conf,
