@@ -503,7 +503,7 @@ class AutolabelParams(_Section):
     imgsz: int | None = Field(None, ge=32, description="proposer inference size; null: its training size")
     augment: bool = Field(
         False, description="ultralytics' test-time augmentation for the proposer (flips, scales 1/0.83/0.67): more "
-        "objects found, ~3× the proposer's time and more boxes for the teachers"
+        "objects found, 1.7× the proposer's time at the same size (measured) and more boxes for the teachers"
     )
     proposer_train: ProposerTrainParams = ProposerTrainParams()
     teachers: list[TeacherSpec] = Field(
