@@ -1,7 +1,7 @@
 """Export payoff, each figure against a baseline measured in the same run.
 
-1. onnxruntime p50 of one forward pass (YOLO11n, batch 1, the pipeline's imgsz, 256 by default) against PyTorch
-   CPU p50 of the same fused model on the same letterboxed tensor. Goal: ≤ 0.6×.
+1. onnxruntime p50 of one forward pass (YOLO11n, batch 1, the size the pipeline exports at: 288 by default) against
+   PyTorch CPU p50 of the same fused model on the same letterboxed tensor. Goal: ≤ 0.6×.
 2. INT8 (onnxruntime static QDQ, the export stage's recipe) p50 against FP32 onnxruntime p50, same model and
    input. The export stage keeps INT8 only when this ratio is below 1 / ``export.int8_min_speedup``.
 3. The mAP50-95 change INT8 brings on a gold set, in points (1 point = 0.01), against the FP32 ONNX figure.
@@ -63,7 +63,7 @@ def _pipeline() -> tuple[Path, Path] | None:
 
 def bench(tmp_dir: Path) -> list[dict]:
     from wanwu import export as ex
-    from wanwu.evaluation import MAP, model_imgsz, split_images
+    from wanwu.evaluation import MAP, evaluated_imgsz, model_imgsz, split_images
     from wanwu.offline import harden
 
     harden(ROOT)
@@ -71,7 +71,9 @@ def bench(tmp_dir: Path) -> list[dict]:
     found = _pipeline()
     if found is not None:
         weights, data = found
-        imgsz = model_imgsz(weights)
+        from wanwu.config import load_params
+
+        imgsz = evaluated_imgsz(load_params(ROOT / "params.yaml").evaluate, model_imgsz(weights))  # as exported
         source = f"pipeline model {weights.relative_to(ROOT)}"
         images = split_images(data, "test")
         calib = split_images(data, "train")[:64]

@@ -8,7 +8,8 @@ the human gold set), the teacher's soft labels and the proposer the student star
   epochs, schedule and data, so any difference to the next rows is the soft-label term and nothing else;
 * **distill, alpha a** — the distill stage with the KD term at each alpha in ``--alphas`` (params.yaml's first).
 
-Every checkpoint is scored by the evaluate stage's own function on the gold split at the training image size.
+Every checkpoint is scored by the evaluate stage's own function on the gold split at the evaluate stage's size (the
+training size × evaluate.imgsz_scale; figures before that setting were at the training size).
 Each arm writes into its own temporary project (links to the pipeline's inputs), so data/ is not touched.
 Writes bench/results/distill_study.{json,md}. Nothing here asserts a figure: it reports what it measured.
 """
@@ -65,7 +66,8 @@ def _markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]], meta: d
         "",
         f"Run {meta['started']} with `make distill-study` on {meta['cpu_count']} cores; data from the last "
         f"`make run` ({meta['train_images']} training images); {meta['train_epochs']} train epochs, then "
-        f"{meta['distill_epochs']} fine-tune epochs, T = {meta['temperature']}, imgsz {meta['imgsz']}; "
+        f"{meta['distill_epochs']} fine-tune epochs, T = {meta['temperature']}, trained at {meta['imgsz']} px, "
+        f"scored at {meta.get('scored_at', meta['imgsz'])} px; "
         f"{meta['seconds']:.0f} s in all.",
         "",
         "| arm | mAP50 mean ± sd | mAP50-95 mean ± sd | seeds |",
@@ -103,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     alphas = args.alphas or [params.distill.alpha]
     from tasks import distill as distill_stage
     from tasks import train as train_stage
+    from wanwu.evaluation import evaluated_imgsz
 
+    size = evaluated_imgsz(params.evaluate, params.train.imgsz)  # every arm at the same size, as the stage does
     t_all = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="wanwu-distill-study-") as tmp:
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             base = train_stage.run(params.train.model_copy(update={"seed": seed}), proj)
             rows.append(
-                {"seed": seed, "arm": "train (baseline)", **_score(Path(base.best), data_yaml, params.train.imgsz)}
+                {"seed": seed, "arm": "train (baseline)", **_score(Path(base.best), data_yaml, size)}
                 | {"seconds": time.perf_counter() - t0}
             )
             for alpha in [0.0, *alphas]:
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 res = distill_stage.run(params.distill.model_copy(update={"seed": seed, "alpha": alpha}), p)
                 rows.append(
-                    {"seed": seed, "arm": arm, **_score(Path(res.best), data_yaml, params.distill.imgsz)}
+                    {"seed": seed, "arm": arm, **_score(Path(res.best), data_yaml, size)}
                     | {"seconds": time.perf_counter() - t0}
                 )
                 print(f"seed {seed} {arm}: {rows[-1]}", flush=True)
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "distill_epochs": params.distill.epochs,
         "temperature": params.distill.temperature,
         "imgsz": params.train.imgsz,
+        "scored_at": size,
         "seconds": time.perf_counter() - t_all,
     }
     RESULTS.mkdir(exist_ok=True)

@@ -3,7 +3,8 @@
 After a run on the built-in sample world (`make run`, or `wanwu run --profile params/cpu60.yaml`), this copies the
 quality dataset's images (the originals, unpainted; same splits) with the world's truth as labels (distractors left
 out; on the gold split the truth is the human gold labels), runs the train stage on that copy with the same params
-and profile, and scores it on the gold set with the evaluate stage's own function at the training image size:
+and profile, and scores it on the gold set with the evaluate stage's own function at the evaluate stage's size
+(training size × evaluate.imgsz_scale; figures before that setting were at the training size):
 
     make label-ceiling                                   # the quick run's data and params
     make label-ceiling PROFILE=params/cpu60.yaml         # the CPU hour's
@@ -74,20 +75,24 @@ def main(argv: list[str] | None = None) -> int:
         if not need.is_file():
             print(f"{need}: not there. Run the pipeline first (with the same --profile): the study reuses its data.")
             return 2
+    from wanwu.evaluation import evaluated_imgsz
+
+    size = evaluated_imgsz(params.evaluate, params.train.imgsz)
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="wanwu-label-ceiling-") as tmp:
         ds = Path(tmp) / "truth"
         counts = truth_dataset(data, ds / "dataset", params_path.parent / params.project.ontology)
         proj = _project(Path(tmp) / "proj", {"autolabel": data / "autolabel", "quality": ds})
         res = train_stage.run(params.train, proj)
-        perfect = _score(Path(res.best), ds / "dataset" / "data.yaml", params.train.imgsz)
-    pipeline = _score(ours, data / "quality" / "dataset" / "data.yaml", params.train.imgsz)
+        perfect = _score(Path(res.best), ds / "dataset" / "data.yaml", size)
+    pipeline = _score(ours, data / "quality" / "dataset" / "data.yaml", size)
     out = {
         "started": started,
         "profile": args.profile,
         "images": counts,
         "train_epochs": params.train.epochs,
         "imgsz": params.train.imgsz,
+        "scored_at": size,
         "pipeline_labels": pipeline,
         "perfect_labels": perfect,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Run {out['started']} with `make label-ceiling{' PROFILE=' + args.profile if args.profile else ''}`: "
         f"{counts.get('train', 0)} training / {counts.get('val', 0)} val images, train stage {out['train_epochs']} "
-        f"epochs at {out['imgsz']} px from the run's proposer; {out['seconds']:.0f} s.",
+        f"epochs at {out['imgsz']} px from the run's proposer, scored at {size} px; {out['seconds']:.0f} s.",
         "",
         "| labels | gold mAP50 | gold mAP50-95 |",
         "|---|---|---|",

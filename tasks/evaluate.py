@@ -80,7 +80,7 @@ def run(params: EvaluateParams, project: ProjectParams) -> EvaluateResult:
         raise StageInputMissing(
             f"none of {params.candidates} exists under {project.data_dir}. Run `wanwu stage train` first."
         )
-    imgsz = params.imgsz or ev.inference_imgsz(ev.model_imgsz(next(iter(cands.values()))), params.imgsz_scale)
+    imgsz = ev.evaluated_imgsz(params, ev.model_imgsz(next(iter(cands.values()))))
     names_en: dict[int, str] = {}
     if Path(project.ontology).is_file():
         onto = Ontology.load(project.ontology)

@@ -502,8 +502,9 @@ class AutolabelParams(_Section):
     max_det: int = Field(100, ge=1)
     imgsz: int | None = Field(None, ge=32, description="proposer inference size; null: its training size")
     augment: bool = Field(
-        False, description="ultralytics' test-time augmentation for the proposer (flips, scales 1/0.83/0.67): more "
-        "objects found, 1.7× the proposer's time at the same size (measured) and more boxes for the teachers"
+        False,
+        description="ultralytics' test-time augmentation for the proposer (flips, scales 1/0.83/0.67): more "
+        "objects found, 1.7× the proposer's time at the same size (measured) and more boxes for the teachers",
     )
     proposer_train: ProposerTrainParams = ProposerTrainParams()
     teachers: list[TeacherSpec] = Field(

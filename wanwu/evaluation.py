@@ -44,7 +44,13 @@ def model_imgsz(weights: str | Path, default: int = 640) -> int:
 def inference_imgsz(train_imgsz: int, scale: float, stride: int = 32) -> int:
     """The size to run a model trained at ``train_imgsz`` at: ``train_imgsz × scale``, to the nearest multiple of
     the stride (ultralytics would round a misaligned size up, not to the nearest)."""
-    return max(stride, int(round(train_imgsz * scale / stride)) * stride)
+    return max(stride, round(train_imgsz * scale / stride) * stride)
+
+
+def evaluated_imgsz(params: Any, train_imgsz: int) -> int:
+    """The size the evaluate stage (and so export and serving) runs a model trained at ``train_imgsz`` at:
+    ``evaluate.imgsz``, else the training size × ``evaluate.imgsz_scale``. ``params``: an EvaluateParams."""
+    return params.imgsz or inference_imgsz(train_imgsz, params.imgsz_scale)
 
 
 def split_images(data_yaml: str | Path, split: str) -> list[Path]:
