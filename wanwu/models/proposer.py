@@ -153,7 +153,7 @@ class Proposer:
                 "iou": self.iou,
                 "max_det": self.max_det,
                 "class_aware": self.class_aware,
-                **({"augment": True} if self.augment else {}),  # absent when off: older caches stay valid
+                "augment": self.augment,
             }
             h = hashlib.sha256(file_sha256(self.weights).encode())
             h.update(json.dumps(knobs, sort_keys=True).encode())
