@@ -108,6 +108,7 @@ def fit_stage(
             trainer_factory=trainer_factory,
             progress=stage,
             callbacks=cbs,
+            val_period=params.val_period,
             **args,
         )
         # ultralytics' callback switched on mlflow.autolog() for every library; later stages in this process

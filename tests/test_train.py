@@ -214,3 +214,48 @@ def test_websocket_keepalive_pings_do_not_shift_the_seeded_augmentation_stream()
     first = random.random()
     ws_connection.random.getrandbits(32)  # what a keepalive ping draws, on the event-loop thread, mid-epoch
     assert [first, random.random(), random.random()] == undisturbed
+
+
+@pytest.mark.slow
+def test_val_period_validates_every_nth_epoch_and_keeps_best_pt_validated(tmp_path, capsys):
+    """train.val_period 2 over 4 epochs: val metrics for epochs 2 and 4 only (NaN, "not measured", for 1 and 3 in
+    results.csv), and an epoch without validation never overwrites best.pt."""
+    import hashlib
+
+    import pandas as pd
+
+    from wanwu.training import fit
+
+    _, data_dir = _project(tmp_path, n_train=8)
+    data = data_dir / "quality" / "dataset" / "data.yaml"
+    best_after: list[str] = []
+
+    def record(trainer) -> None:
+        best = Path(trainer.best)
+        best_after.append(hashlib.sha256(best.read_bytes()).hexdigest() if best.is_file() else "")
+
+    args = {"epochs": 4, "imgsz": 64, "batch": 4, "seed": 0}
+    result = fit(
+        data,
+        tmp_path / "run",
+        model="yolo11n.yaml",
+        device="cpu",
+        progress="train",
+        val_period=2,
+        callbacks={"on_fit_epoch_end": record},
+        **args,
+    )
+    table = pd.read_csv(result.run_dir / "results.csv")
+    validated = table["metrics/mAP50(B)"].notna().tolist()
+    assert validated == [False, True, False, True], table
+    assert table["train/box_loss"].notna().all()  # the losses are still there every epoch
+    assert len(best_after) >= 4 and best_after[2] == best_after[1]  # epoch 3 (not validated) left best.pt alone
+    assert "epoch 1/4  not validated this epoch" in capsys.readouterr().err
+    assert result.metrics["metrics/mAP50(B)"] >= 0  # the last epoch is always validated
+
+
+def test_val_period_is_a_wanwu_knob_not_passed_to_ultralytics():
+    from wanwu.config import TrainParams
+
+    params = TrainParams(val_period=5)
+    assert "val_period" not in params.ultralytics_args(0) and params.val_period == 5

@@ -122,7 +122,18 @@ class _UltralyticsArgs(_Section):
         return {**args, **self.extra}
 
 
-class TrainParams(_UltralyticsArgs):
+class _StudentArgs(_UltralyticsArgs):
+    """The student's runs (train, distill): ultralytics' arguments and how often to validate."""
+
+    val_period: int = Field(
+        1,
+        ge=1,
+        description="validate every N epochs and after the last (wanwu's knob, not an ultralytics argument): the "
+        "epochs between log no val metrics and cannot become best.pt. 1: every epoch, as ultralytics does",
+    )
+
+
+class TrainParams(_StudentArgs):
     """The baseline student: ultralytics on the quality stage's dataset with hard labels."""
 
     model: str = Field(
@@ -133,7 +144,7 @@ class TrainParams(_UltralyticsArgs):
     fallback_model: str = Field("yolo11n.yaml", description="used when `model` is a checkpoint that does not exist")
 
 
-class DistillParams(_UltralyticsArgs):
+class DistillParams(_StudentArgs):
     """The distilled student: fine-tunes the baseline with the teacher's soft labels and/or feature distillation."""
 
     model: str = Field("data/train/best.pt", description="starting point: the baseline student")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -169,11 +170,13 @@ def _progress_callbacks(label: str) -> dict[str, Callable]:
 
     def epoch_end(trainer: Any) -> None:
         m = trainer.metrics or {}
-        state["map"] = m.get("metrics/mAP50(B)")
-        if "metrics/accuracy_top1" in m:  # a classifier (the autolabel experts): accuracy, not mAP
+        if not all(_finite(v) for v in m.values()):  # val_period: this epoch was not validated
+            figures = "not validated this epoch"
+        elif "metrics/accuracy_top1" in m:  # a classifier (the autolabel experts): accuracy, not mAP
             figures = f"top1 {m['metrics/accuracy_top1']:.4f}  top5 {m.get('metrics/accuracy_top5', 0.0):.4f}"
         else:
             figures = f"mAP50 {m.get('metrics/mAP50(B)', 0.0):.4f}  mAP50-95 {m.get('metrics/mAP50-95(B)', 0.0):.4f}"
+            state["map"] = m.get("metrics/mAP50(B)")
         bar = state.get("bar")
         if bar is not None and bar.disable and trainer.epoch < trainer.epochs:  # no terminal: one line per epoch
             print(f"{label}: epoch {trainer.epoch + 1}/{trainer.epochs}  {figures}", file=sys.stderr, flush=True)
@@ -201,8 +204,8 @@ def _mlflow_fallback_callbacks() -> dict[str, Callable]:
 
         return mlflow.active_run() is not None and not getattr(trainer, "_mlflow_active", False)
 
-    def clean(d: dict) -> dict:
-        return {k.replace("(", "").replace(")", ""): float(v) for k, v in d.items()}
+    def clean(d: dict) -> dict:  # NaN: an epoch val_period did not validate, nothing measured to log
+        return {k.replace("(", "").replace(")", ""): float(v) for k, v in d.items() if _finite(v)}
 
     def params(trainer: Any) -> None:
         if mine(trainer):
@@ -241,6 +244,26 @@ def _mlflow_fallback_callbacks() -> dict[str, Callable]:
         "on_fit_epoch_end": fit_epoch,
         "on_train_end": end,
     }
+
+
+def val_period_callbacks(period: int) -> dict[str, Callable]:
+    """Validate every ``period`` epochs and after the last one, instead of after every epoch.
+
+    ultralytics validates after each epoch (``val=True``) or only after the last (``val=False``). On the CPU the
+    val split costs a tenth of an epoch; validating less often buys epochs or training images in the same time.
+    Epochs without validation record NaN metrics (results.csv, MLflow: "not measured", not a stale or zero
+    figure) and no fitness, so they can never be saved as best.pt: best.pt stays the best validated epoch.
+    """
+
+    def decide(trainer: Any) -> None:  # on_train_epoch_end: just before ultralytics decides whether to validate
+        done = trainer.epoch + 1
+        validate = done % period == 0 or done >= trainer.epochs
+        trainer.args.val = validate
+        if not validate:
+            trainer.fitness = None
+            trainer.metrics = {k: float("nan") for k in (trainer.metrics or {})}
+
+    return {"on_train_epoch_end": decide}
 
 
 MLFLOW_RUN_FILE = "wanwu_mlflow_run.json"
@@ -339,13 +362,15 @@ def fit(
     mlflow_fallback: bool = True,
     callbacks: dict[str, Callable] | None = None,
     model_param: str = "model",
+    val_period: int = 1,
     **ultralytics_args: Any,
 ) -> FitResult:
     """Train a detector on ``data_yaml`` into ``out_dir/run`` and copy the best weights to ``out_dir/best.pt``.
 
     ``trainer_factory(overrides=..., _callbacks=...)`` builds the ultralytics trainer (default: its
     ``DetectionTrainer``; the distill stage passes its soft-label trainer). ``callbacks`` are extra ultralytics
-    callbacks by event name.
+    callbacks by event name. ``val_period``: validate every N epochs and after the last (see
+    :func:`val_period_callbacks`).
     """
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils import callbacks as ul_callbacks
@@ -370,7 +395,8 @@ def fit(
     check_args(args)
     factory = trainer_factory or DetectionTrainer
     tag = getattr(factory, "fingerprint_tag", None) or getattr(factory, "__qualname__", type(factory).__name__)
-    fingerprint = _fingerprint(args, str(tag))
+    # every N epochs picks best.pt among fewer epochs: another run (1, the default, keeps earlier fingerprints)
+    fingerprint = _fingerprint({**args, "wanwu_val_period": val_period} if val_period > 1 else args, str(tag))
 
     stamp = run_dir / ARGS_STAMP
     same = stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint
@@ -394,6 +420,8 @@ def fit(
     cbs = ul_callbacks.get_default_callbacks()
     trainer = factory(overrides=overrides, _callbacks=cbs)
     extra: list[dict[str, Callable]] = [threads_callbacks(cpu_threads())]
+    if val_period > 1:
+        extra.insert(0, val_period_callbacks(val_period))  # first: the loggers after it see this epoch's metrics
     if mlflow_fallback:
         extra.append(_mlflow_fallback_callbacks())
     if progress:
@@ -427,6 +455,13 @@ def fit(
         seconds=seconds,
         resumed=resume,
     )
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
 
 
 def _is_number(v: Any) -> bool:
