@@ -39,7 +39,7 @@ def _teacher(params: DistillParams, project: ProjectParams, root: Path) -> str:
     if model.endswith(".pt"):
         return model
     # trained from scratch like the baseline (train's optimizer defaults), at the distill run's sizes
-    shared = {"imgsz", "batch", "nbs", "seed", "deterministic", "cache", "workers", "extra"}
+    shared = {"imgsz", "batch", "nbs", "seed", "deterministic", "cache", "workers", "val_period", "extra"}
     teacher_params = TrainParams(
         **params.model_dump(include=shared), epochs=params.teacher_epochs, model=model, fallback_model=model
     )
