@@ -6,7 +6,9 @@ micro-batching, batch preprocessing, onnxruntime directly, hot reload. Each runs
 the load comes from a bounded asyncio client (``CLIENTS`` concurrent clients, ``REQUESTS`` requests per
 service, ``TIME_LIMIT`` seconds at most), one image per request. Rounds run A B B A (naive, ours, ours, naive) so
 drift on a shared machine falls on both sides. In each of our rounds the registry alias ``champion`` moves to the
-other version halfway through: the errors figure includes the switches.
+other version halfway through: the errors figure includes the switches. After the rounds, with no service up, the
+graph alone is timed as the service lays it out (``serve_graph_ceiling``): the most a service laid out this way
+could answer here.
 
 The model is a YOLO11n (16 ontology classes, untrained) exported at imgsz 320 with dynamic shapes; its
 confidence threshold is set, for both services alike, so that each image yields about ``BOXES_PER_IMAGE``
@@ -144,8 +146,8 @@ def _graph_ceiling(model: Path, images: list[bytes], max_batch: int, seconds: fl
     """Images/s of the graph alone, laid out as ``wanwu serve`` lays it out (the same sessions side by side, full
     batches of ``max_batch`` already decoded, letterboxed and normalised; no HTTP, no JPEG, no NMS).
 
-    No service on this machine can answer faster than this with this graph: it is the ceiling of the throughput
-    ratio the goal asks for (ceiling / naive)."""
+    A service that runs this graph this way cannot answer faster on this machine: ceiling / naive bounds the
+    throughput ratio the goal asks for (another thread layout has its own ceiling)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import cv2
