@@ -7,11 +7,11 @@
 3. The mAP50-95 change INT8 brings on a gold set, in points (1 point = 0.01), against the FP32 ONNX figure.
    Goal: ≥ −1 point (the stage's ``export.int8_max_map_drop``).
 
-The model and gold set are the pipeline's (``data/train/best.pt`` and the quality dataset's test split) when a
-run has produced them. Otherwise (1) and (2) use YOLO11n built from its yaml (latency does not depend on the
-weights) and (3) the shapes world of the tests, trained here for 36 epochs at imgsz 64 (about 30 s alone on two
-cores) and measured on 160 fresh gold images of that world: a small but real model, so the mAP change is a
-measured one.
+The model, gold set and size are the pipeline's (``data/train/best.pt``, the quality dataset's test split, the size
+the evaluate stage recorded and the export stage exports at) when a run has produced them. Otherwise (1) and (2) use
+YOLO11n built from its yaml (latency does not depend on the weights) and (3) the shapes world of the tests, trained
+here for 36 epochs at imgsz 64 (about 30 s alone on two cores) and measured on 160 fresh gold images of that world:
+a small but real model, so the mAP change is a measured one.
 
 Latencies are one forward pass, batch 1, on the same letterboxed tensor, timed in ten alternating rounds of the
 three models (after a warm-up each), so the load of a shared machine weighs on all of them alike; p50 over all
@@ -21,6 +21,7 @@ cores) and all cores each (what a dedicated server sees). Run ``python -m bench 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -55,25 +56,27 @@ def _runners(pt: Path, onnx_path: Path, int8_path: Path, image: Path, imgsz: int
     }
 
 
-def _pipeline() -> tuple[Path, Path] | None:
+def _pipeline() -> tuple[Path, Path, int] | None:
+    """The pipeline's student, dataset and the size the export stage exports at (the evaluated size, which the
+    evaluate stage records), when a run got that far."""
     weights = ROOT / "data" / "train" / "best.pt"
     data = ROOT / "data" / "quality" / "dataset" / "data.yaml"
-    return (weights, data) if weights.is_file() and data.is_file() else None
+    evaluation = ROOT / "data" / "evaluate" / "metrics.json"
+    if not (weights.is_file() and data.is_file() and evaluation.is_file()):
+        return None
+    return weights, data, int(json.loads(evaluation.read_text(encoding="utf-8"))["gold"]["imgsz"])
 
 
 def bench(tmp_dir: Path) -> list[dict]:
     from wanwu import export as ex
-    from wanwu.evaluation import MAP, evaluated_imgsz, model_imgsz, split_images
+    from wanwu.evaluation import MAP, split_images
     from wanwu.offline import harden
 
     harden(ROOT)
     tmp_dir = Path(tmp_dir)
     found = _pipeline()
     if found is not None:
-        weights, data = found
-        from wanwu.config import load_params
-
-        imgsz = evaluated_imgsz(load_params(ROOT / "params.yaml").evaluate, model_imgsz(weights))  # as exported
+        weights, data, imgsz = found
         source = f"pipeline model {weights.relative_to(ROOT)}"
         images = split_images(data, "test")
         calib = split_images(data, "train")[:64]

@@ -124,18 +124,22 @@ def _images(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def _calibrate_conf(model: Path, images: list[bytes], per_image: int) -> float:
-    """The threshold at which the untrained model keeps about `per_image` candidate boxes per image."""
+def _input(det: Any, images: list[bytes]) -> np.ndarray:
+    """The graph's input for these JPEGs, decoded and letterboxed as the service does it."""
     import cv2
 
+    x, _ = det.to_batch([det.prepare(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)) for b in images])
+    return x
+
+
+def _calibrate_conf(model: Path, images: list[bytes], per_image: int) -> float:
+    """The threshold at which the untrained model keeps about `per_image` candidate boxes per image."""
     from wanwu.onnx_model import OnnxDetector
 
     det = OnnxDetector(model, conf=0.0)
     scores = []
     for data in images[:8]:
-        prep = det.prepare(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
-        x, _ = det.to_batch([prep])
-        out = det.session.run(None, {det.input_name: x})[0][0]
+        out = det.session.run(None, {det.input_name: _input(det, [data])})[0][0]
         s = out[4:].max(0)
         scores.append(np.sort(s[s < 0.5])[::-1])  # the hot class of the coarsest scale aside
     k = per_image - 1
@@ -150,15 +154,12 @@ def _graph_ceiling(model: Path, images: list[bytes], max_batch: int, seconds: fl
     throughput ratio the goal asks for (another thread layout has its own ceiling)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import cv2
-
     from wanwu.onnx_model import OnnxDetector
     from wanwu.serve import inference_threads
 
     intra, workers = inference_threads(0)
     dets = [OnnxDetector(model, conf=0.5, threads=intra, spin=False) for _ in range(workers)]
-    prepared = [dets[0].prepare(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)) for b in images]
-    x, _ = dets[0].to_batch(prepared[:max_batch])
+    x = _input(dets[0], images[:max_batch])
     for d in dets:
         d.session.run(None, {d.input_name: x})  # warm-up
 
