@@ -337,6 +337,33 @@ def test_concurrent_requests_are_micro_batched(models):
         assert metric(url, "wanwu_batch_size_bucket", le="1.0") < calls  # some batch held more than one image
 
 
+def test_no_onnxruntime_call_exceeds_the_default_batch_bound(models):
+    """The shipped max_batch holds under a burst and for one request with more images than it: such a request is
+    answered whole, in several calls."""
+    from wanwu.serve import FileSource
+
+    bound = ServeParams().max_batch
+    many = bound + 2
+    with live(app_for(FileSource(models["v1"]), batch_window_ms=50)) as url:
+        ready(url)
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                one = [("images", ("1.jpg", image_bytes(), "image/jpeg"))]
+                several = [("images", (f"{k}.jpg", image_bytes(), "image/jpeg")) for k in range(many)]
+                return await asyncio.gather(
+                    *[c.post("/recognize", files=one) for _ in range(12)], c.post("/recognize", files=several)
+                )
+
+        rs = asyncio.run(burst())
+        assert [r.status_code for r in rs] == [200] * 13
+        assert len(rs[-1].json()["images"]) == many
+        calls = metric(url, "wanwu_batch_size_count")
+        assert metric(url, "wanwu_batch_size_sum") == 12 + many
+        assert metric(url, "wanwu_batch_size_bucket", le=f"{bound:.1f}") == calls  # every call within the bound
+        assert metric(url, "wanwu_batch_size_bucket", le="1.0") < calls  # and batching still at work
+
+
 def _hammer(url: str, stop: threading.Event, out: list, clients: int = 4) -> None:
     """Requests from `clients` concurrent clients until `stop`; records (status, version, labels)."""
 

@@ -318,7 +318,12 @@ class ServeParams(_Section):
     iou: float = Field(0.7, gt=0, le=1, description="NMS IoU threshold")
     max_det: int = Field(300, ge=1)
     imgsz: int | None = Field(None, ge=32, description="inference size; null: the size the ONNX was exported at")
-    max_batch: int = Field(8, ge=1, description="images per onnxruntime call")
+    max_batch: int = Field(
+        4,
+        ge=1,
+        description="images per onnxruntime call at most; small enough that every inference thread gets a batch "
+        "while the next one gathers (see wanwu.serve)",
+    )
     batch_window_ms: float = Field(4.0, ge=0, description="how long the first request of a batch waits for others")
     max_queue: int = Field(256, ge=1, description="requests waiting for a batch; beyond it: 503, retry later")
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0: one per core")
