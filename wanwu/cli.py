@@ -97,7 +97,7 @@ def _load(params_path: Path, sets: list[str] | None, profile: Path | None = None
 def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, profile: ProfileOpt = None) -> None:
     """Run the whole pipeline flow (collect → … → promote) as far as its stages exist.
 
-    Profiles: `--profile params/cpu60.yaml` (the CPU hour: about 59 minutes on 2 cores, README),
+    Profiles: `--profile params/cpu60.yaml` (the CPU hour: about 54 minutes on 2 cores, README),
     `--profile params/gpu.yaml`.
     """
     p = _load(params, set_, profile)
