@@ -14,10 +14,11 @@ onnxruntime call, vectorised decoding (see :mod:`wanwu.onnx_model`). With ``serv
 inference thread per core, each running single-threaded onnxruntime calls: a small detector's operators are too
 short to split across cores without the threads waiting on each other at every one, so whole batches side by side
 use the cores better than one batch at a time over all of them (:func:`inference_threads`). Batches stay small
-(``max_batch`` 4): clients send their next request only when the last one is answered, so one batch that took
-every waiting request would leave the other inference threads idle and nothing gathering for the next call. With 8
-clients on 2 cores, 4 images a call answered 194-205 requests/s and 8 only 132-134 (params.yaml). uvicorn runs on
-uvloop and httptools (installed with the project), which take less CPU per request than asyncio's loop and h11.
+(``max_batch``, 4 by default): clients send their next request only when the last one is answered, so one batch
+that took every waiting request would leave the other inference threads idle and nothing gathering for the next
+call. With 8 clients on 2 cores, 4 images a call answered 194-205 requests/s and 8 only 132-134 (params.yaml).
+uvicorn runs on uvloop and httptools (installed with the project), which take less CPU per request than asyncio's
+loop and h11.
 
 Hot reload: a watcher polls the model source (the registry alias, or the file) every ``reload_interval`` s. A new
 version is downloaded and loaded beside the old one and warmed up; then one reference is swapped. A batch reads
