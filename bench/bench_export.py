@@ -64,7 +64,10 @@ def _pipeline() -> tuple[Path, Path, int] | None:
     evaluation = ROOT / "data" / "evaluate" / "metrics.json"
     if not (weights.is_file() and data.is_file() and evaluation.is_file()):
         return None
-    return weights, data, int(json.loads(evaluation.read_text(encoding="utf-8"))["gold"]["imgsz"])
+    from wanwu.config import load_params
+
+    exported = load_params(ROOT / "params.yaml").export.imgsz  # an explicit export size wins, as in the stage
+    return weights, data, exported or int(json.loads(evaluation.read_text(encoding="utf-8"))["gold"]["imgsz"])
 
 
 def bench(tmp_dir: Path) -> list[dict]:
