@@ -7,16 +7,17 @@
 - ``GET /openapi.json``, ``/docs``: the schema the fuzz test drives the API from.
 
 How a request flows: the handler checks the limits (token, content type, sizes, pixel count), decodes and resizes
-its images in a decode thread (OpenCV releases the GIL, so requests decode in parallel), and queues one job. A
-single batcher coroutine packs queued jobs into batches (up to ``max_batch`` images, waiting at most
-``batch_window_ms`` for company) and hands each batch to a free inference thread: one padded array, one
-onnxruntime call, vectorised decoding (see :mod:`wanwu.onnx_model`). With ``serve.threads`` at 0 there is one
-inference thread per core, each running single-threaded onnxruntime calls: a small detector's operators are too
-short to split across cores without the threads waiting on each other at every one, so whole batches side by side
-use the cores better than one batch at a time over all of them (:func:`inference_threads`). Batches stay small
-(``max_batch``, 4 by default): clients send their next request only when the last one is answered, so one batch
-that took every waiting request would leave the other inference threads idle and nothing gathering for the next
-call. With 8 clients on 2 cores, 4 images a call answered 194-205 requests/s and 8 only 132-134 (params.yaml).
+its images in a decode thread (OpenCV releases the GIL, so requests decode in parallel), which queues one job. A
+free inference thread takes queued jobs into a batch (up to ``max_batch`` images, waiting at most
+``batch_window_ms`` for company; one batch gathers at a time) and runs it: one padded array, one onnxruntime call,
+vectorised decoding (see :mod:`wanwu.onnx_model`); the answers go back to the event loop in one callback per batch.
+With ``serve.threads`` at 0 there is one inference thread per core, each running single-threaded onnxruntime
+calls: a small detector's operators are too short to split across cores without the threads waiting on each other
+at every one, so whole batches side by side use the cores better than one batch at a time over all of them
+(:func:`inference_threads`). Batches stay small (``max_batch``, 4 by default): clients send their next request
+only when the last one is answered, so one batch that took every waiting request would leave the other inference
+threads idle and nothing gathering for the next call. With 8 clients on 2 cores, 4 images a call answered 194-205
+requests/s and 8 only 132-134 (params.yaml).
 uvicorn runs on uvloop and httptools (installed with the project), which take less CPU per request than asyncio's
 loop and h11.
 
@@ -633,11 +634,25 @@ def _fail(jobs: Sequence[_Job], error: BaseException) -> None:
             j.future.set_exception(error)
 
 
-class MicroBatcher:
-    """Packs queued jobs into batches for ``workers`` inference threads (see the module docstring).
+def _settle(jobs: Sequence[_Job], outcome: Sequence[_JobResult] | BaseException) -> None:
+    """On the event loop: answer each job of a batch (a job whose client went away is left alone)."""
+    if isinstance(outcome, BaseException):
+        _fail(jobs, outcome)
+        return
+    for j, r in zip(jobs, outcome, strict=True):
+        if not j.future.done():
+            j.future.set_result(r)
 
-    A batch is only formed when a worker is free: while all are busy, requests wait in the queue and the next
-    batch takes as many of them as ``max_batch`` allows, so batches grow with the load by themselves.
+
+class MicroBatcher:
+    """Inference threads that form their own batches from one queue (see the module docstring).
+
+    Only a free thread takes jobs, and one batch gathers at a time: while every thread is busy, requests wait in
+    the queue and the next batch takes as many of them as ``max_batch`` allows, so batches grow with the load by
+    themselves. The threads wait on the queue themselves instead of being handed batches by the event loop: a job
+    enqueued by the decode thread that prepared it starts its batch without waiting for the loop, which under
+    load is busy with HTTP (2.6-3 ms from the last job of a batch to its onnxruntime call, measured, when a
+    coroutine formed the batches).
     """
 
     def __init__(self, server: Server, max_batch: int, window_s: float, max_queue: int, workers: int = 1) -> None:
@@ -645,108 +660,95 @@ class MicroBatcher:
         self.max_batch, self.window, self.max_queue = max_batch, window_s, max_queue
         self.workers = max(int(workers), 1)
         self._pending: deque[_Job] = deque()
-        self._wakeup: asyncio.Event | None = None
-        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="wanwu-infer")
-        self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
+        self._ready = threading.Condition()  # guards _pending and _stopping; notified on every new job
+        self._gather = threading.Lock()  # held by the one thread forming a batch
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._cascade_lock = threading.Lock()  # a teacher need not be thread-safe; its counters are per batch
 
     def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="wanwu-batcher")
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"wanwu-infer-{k}", daemon=True) for k in range(self.workers)
+        ]
+        for t in self._threads:
+            t.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for task in list(self._running):
-            task.cancel()
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
-        for job in self._pending:
-            if not job.future.done():
-                job.future.set_exception(ApiError(503, "shutting_down", "the server is shutting down; retry"))
-        self._pending.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._ready:
+            self._stopping = True
+            left = list(self._pending)
+            self._pending.clear()
+            self._ready.notify_all()
+        _fail(left, ApiError(503, "shutting_down", "the server is shutting down; retry"))
+        threads, self._threads = self._threads, []
+        await asyncio.to_thread(lambda: [t.join() for t in threads])  # batches in flight finish and answer
 
-    async def submit(self, items: list[Prepared]) -> _JobResult:
-        if len(self._pending) >= self.max_queue:
-            raise Busy()
-        job = _Job(items, asyncio.get_running_loop().create_future())
-        self._pending.append(job)
-        self.server.metrics.queue_depth.set(len(self._pending))
-        assert self._wakeup is not None
-        self._wakeup.set()
-        return await job.future
+    def enqueue(self, job: _Job) -> None:
+        """Queue a job from any thread (the decode thread that prepared it); Busy when the queue is full."""
+        with self._ready:
+            if self._stopping:
+                raise ApiError(503, "shutting_down", "the server is shutting down; retry")
+            if len(self._pending) >= self.max_queue:
+                raise Busy()
+            self._pending.append(job)
+            depth = len(self._pending)
+            self._ready.notify()
+        self.server.metrics.queue_depth.set(depth)
 
-    async def _next_batch(self) -> list[_Job]:
-        assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
-        while not self._pending:
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        jobs = [self._pending.popleft()]
-        n = len(jobs[0].items)
-        deadline = loop.time() + self.window
-        while n < self.max_batch:
-            if self._pending:
-                if n + len(self._pending[0].items) > self.max_batch:
-                    break  # stays first in line for the next batch
-                job = self._pending.popleft()
-                jobs.append(job)
-                n += len(job.items)
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):  # an Event wait loses nothing when it times out
-                    await self._wakeup.wait()
-        self.server.metrics.queue_depth.set(len(self._pending))
+    def _next_batch(self) -> list[_Job] | None:
+        """Wait for a job, then up to ``window`` for company, up to ``max_batch`` images. None: stopping."""
+        with self._ready:
+            while not self._pending:
+                if self._stopping:
+                    return None
+                self._ready.wait()
+            jobs = [self._pending.popleft()]
+            n = len(jobs[0].items)
+            deadline = time.perf_counter() + self.window
+            while n < self.max_batch and not self._stopping:
+                if self._pending:
+                    if n + len(self._pending[0].items) > self.max_batch:
+                        break  # stays first in line for the next batch
+                    job = self._pending.popleft()
+                    jobs.append(job)
+                    n += len(job.items)
+                    continue
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._ready.wait(remaining)
+            depth = len(self._pending)
+        self.server.metrics.queue_depth.set(depth)
         return jobs
 
-    async def _loop(self) -> None:
-        free = asyncio.Semaphore(self.workers)
+    def _work(self) -> None:
+        assert self._loop is not None
+        loop = self._loop
         while True:
-            await free.acquire()  # a worker first, then the batch: queued jobs gather while all workers are busy
-            try:
-                jobs = await self._next_batch()
-            except BaseException:
-                free.release()
-                raise
+            with self._gather:  # one batch gathers at a time; the other threads run theirs meanwhile
+                jobs = self._next_batch()
+            if jobs is None:
+                return
             jobs = [j for j in jobs if not j.future.done()]  # the client went away
             if not jobs:
-                free.release()
                 continue
+            now = time.perf_counter()
+            for j in jobs:
+                self.server.metrics.queue_wait.observe(now - j.enqueued)
             model = self.server.model  # read once: this batch finishes on this model even if a swap happens now
-            task = asyncio.get_running_loop().create_task(self._run_batch(model, jobs), name="wanwu-batch")
-            self._running.add(task)
-
-            def done(t: asyncio.Task) -> None:
-                self._running.discard(t)
-                free.release()
-
-            task.add_done_callback(done)
-
-    async def _run_batch(self, model: LoadedModel | None, jobs: list[_Job]) -> None:
-        now = time.perf_counter()
-        for j in jobs:
-            self.server.metrics.queue_wait.observe(now - j.enqueued)
-        try:
-            if model is None:
-                raise ApiError(503, "not_ready", "no model is loaded yet; retry when GET /health says ready")
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, model, jobs)
-        except asyncio.CancelledError:
-            _fail(jobs, ApiError(503, "shutting_down", "the server is shutting down; retry"))
-            raise
-        except Exception as e:  # every job of the batch learns why
-            _fail(jobs, e)
-            return
-        for j, r in zip(jobs, results, strict=True):
-            if not j.future.done():
-                j.future.set_result(r)
+            try:
+                if model is None:
+                    raise ApiError(503, "not_ready", "no model is loaded yet; retry when GET /health says ready")
+                outcome: list[_JobResult] | BaseException = self._infer(model, jobs)
+            except Exception as e:  # every job of the batch learns why
+                outcome = e
+            try:
+                loop.call_soon_threadsafe(_settle, jobs, outcome)
+            except RuntimeError:  # the loop has closed: nobody is waiting any more
+                return
 
     def _infer(self, model: LoadedModel, jobs: list[_Job]) -> list[_JobResult]:
         m = self.server.metrics
@@ -1018,6 +1020,12 @@ class Server:
             out.append(det.prepare(arr, hw))
         return out
 
+    def prepare_and_enqueue(self, blobs: list[tuple[str, str, bytes]], answer: asyncio.Future) -> list[Prepared]:
+        """Decode and prepare (in a decode thread), then queue the job whose result ``answer`` will hold."""
+        prepared = self.prepare(blobs)
+        self.batcher.enqueue(_Job(prepared, answer))
+        return prepared
+
     def to_response(
         self, result: _JobResult, filenames: list[str | None], sizes: list[tuple[int, int]], elapsed_ms: float
     ) -> dict[str, Any]:
@@ -1271,9 +1279,15 @@ def create_app(
                 filenames.append(part.filename)
         finally:
             await form.close()
-        prepared = await asyncio.get_running_loop().run_in_executor(server.decode_pool, server.prepare, blobs)
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
         try:
-            result = await server.batcher.submit(prepared)
+            # the decode thread queues the job itself: its batch can start before this coroutine runs again
+            prepared = await loop.run_in_executor(server.decode_pool, server.prepare_and_enqueue, blobs, answer)
+            result = await answer
+        except asyncio.CancelledError:  # the client went away: a queued job is skipped, not run
+            answer.cancel()
+            raise
         except Busy:
             raise ApiError(
                 503,
