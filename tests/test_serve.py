@@ -366,6 +366,43 @@ def test_no_onnxruntime_call_exceeds_the_default_batch_bound(models):
         assert metric(url, "wanwu_batch_size_bucket", le="1.0") < calls  # and batching still at work
 
 
+def test_a_full_queue_answers_503_busy_and_the_server_goes_on(models):
+    """Jobs are queued by the decode threads: past serve.max_queue a request gets 503 busy with Retry-After, the
+    queued ones are answered, and the server serves again once the burst has passed. A slow teacher (the cascade,
+    0.4 s a call, one call at a time) keeps the inference threads busy while the burst arrives."""
+    from wanwu.serve import FileSource, create_app
+
+    class SlowTeacher(ColourTeacher):
+        def predict_proba(self, crops: list) -> np.ndarray:
+            time.sleep(0.4)
+            return super().predict_proba(crops)
+
+    teacher = SlowTeacher()
+    params = ServeParams(reload_interval=0.2, cascade=True, cascade_threshold=0.5, max_queue=1, max_batch=1)
+    with live(create_app(params, FileSource(models["low"]), ONTO, teacher=teacher)) as url:
+        ready(url)
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                return await asyncio.gather(
+                    *[  # a colour each: no answer comes from the cascade's cache
+                        c.post("/recognize", files=[("images", (f"{i}.jpg", image_bytes(colour=(20 * i, 9, 9))))])
+                        for i in range(10)
+                    ]
+                )
+
+        rs = asyncio.run(burst())
+        statuses = sorted(r.status_code for r in rs)
+        busy = [r for r in rs if r.status_code == 503]
+        assert set(statuses) == {200, 503}, statuses
+        assert statuses.count(200) >= 2  # at least one batch running and the one queued behind it
+        for r in busy:
+            assert r.json()["code"] == "busy" and r.json()["limit"] == 1 and r.headers["retry-after"] == "1"
+        assert metric(url, "wanwu_errors_total", reason="busy") == len(busy)
+        assert teacher.crops_seen == statuses.count(200)  # a refused request never reached the model
+        assert post(url, ("after.jpg", image_bytes(colour=(1, 200, 1)), "image/jpeg")).status_code == 200
+
+
 def _hammer(url: str, stop: threading.Event, out: list, clients: int = 4) -> None:
     """Requests from `clients` concurrent clients until `stop`; records (status, version, labels)."""
 
