@@ -84,3 +84,30 @@ def test_wanwu_repro_heals_the_lock_file_a_killed_dvc_left_half_written(project:
     rwlock.write_text("", encoding="utf-8")  # any dvc command through `wanwu dvc` (make sweep's exp run) heals too
     status = _sh("wanwu dvc status", project)
     assert "half-written" in status.stderr and "up to date" in status.stdout
+
+
+def test_wanwu_repro_heals_a_dvc_lock_a_killed_dvc_cut_off(project: Path):
+    """DVC rewrites dvc.lock in place: a SIGKILL inside the write leaves it cut off (seen in the fault suite) and
+    plain `dvc repro` refuses it; `wanwu repro` drops the cut stage entries (they run again) and says so, and moves a
+    file that no longer parses aside."""
+
+    def redone(out) -> bool:  # run again, or restored from DVC's run cache (same deps and params)
+        return _ran(out) == ["collect"] or "Stage 'collect' is cached" in out.stdout
+
+    _sh("wanwu repro", project)
+    lock = project / "dvc.lock"
+    text = lock.read_text(encoding="utf-8")
+    cut = text.index("- path:", text.index("deps:")) + 2
+    lock.write_text(text[:cut], encoding="utf-8")  # cut right after the first dependency's dash
+    refused = _sh("dvc repro", project, check=False)
+    assert refused.returncode != 0 and "dvc.lock' validation failed" in refused.stdout + refused.stderr
+    healed = _sh("wanwu repro", project)
+    assert "cut off" in healed.stderr and "collect" in healed.stderr
+    assert redone(healed) and "up to date" in _sh("dvc status", project).stdout
+    again = _sh("wanwu repro", project)  # a whole dvc.lock is DVC's: left alone, nothing said
+    assert "cut off" not in again.stderr and _ran(again) == []
+    assert text.startswith("schema: '2.0'")
+    lock.write_text(text[:10], encoding="utf-8")  # cut inside the first line's quotes: no longer YAML
+    healed = _sh("wanwu repro", project)
+    assert "does not parse" in healed.stderr and (project / "dvc.lock.broken").is_file()
+    assert redone(healed) and "up to date" in _sh("dvc status", project).stdout

@@ -173,15 +173,16 @@ _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def _dvc(args: list[str]) -> int:
-    """``dvc <args>`` from this environment, after healing what a killed ``dvc`` can leave behind (any DVC command
-    that runs stages reads ``.dvc/tmp/rwlock``: repro, exp run)."""
+    """``dvc <args>`` from this environment, after healing what a killed ``dvc`` can leave behind: a half-written
+    ``.dvc/tmp/rwlock`` (any DVC command that runs stages reads it: repro, exp run) or a cut-off ``dvc.lock``."""
     import subprocess
 
-    from wanwu.locks import heal_dvc_rwlock
+    from wanwu.locks import heal_dvc_lockfile, heal_dvc_rwlock
 
-    healed = heal_dvc_rwlock(Path.cwd())
-    if healed:
-        typer.secho(healed, fg="yellow", err=True)
+    for heal in (heal_dvc_rwlock, heal_dvc_lockfile):
+        healed = heal(Path.cwd())
+        if healed:
+            typer.secho(healed, fg="yellow", err=True)
     beside = Path(sys.executable).with_name("dvc")  # this environment's dvc, as `wanwu stage` is this one's
     return subprocess.call([str(beside) if beside.exists() else "dvc", *args])
 
@@ -191,8 +192,9 @@ def repro(ctx: typer.Context) -> None:
     """`dvc repro` (any of its arguments after this), after healing what a killed `dvc` can leave behind.
 
     A `dvc repro` killed while DVC rewrote `.dvc/tmp/rwlock` leaves that file half-written, and plain `dvc repro`
-    then refuses to start until it is deleted by hand; this removes it (under DVC's own guard) and says so. Run it
-    in the project's root, as `dvc repro`: `wanwu repro`, `wanwu repro evaluate`, `wanwu repro --dry`.
+    then refuses to start until it is deleted by hand; this removes it (under DVC's own guard) and says so. One
+    killed while it rewrote `dvc.lock` leaves that cut off: the stage entries it cut are dropped (they run again).
+    Run it in the project's root, as `dvc repro`: `wanwu repro`, `wanwu repro evaluate`, `wanwu repro --dry`.
     """
     raise typer.Exit(_dvc(["repro", *ctx.args]))
 

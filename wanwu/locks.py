@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from wanwu.offline import state_dir
 
@@ -116,3 +117,72 @@ def heal_dvc_rwlock(root: str | Path) -> str | None:
         f"{path}: removed, it was half-written ({size} bytes; a dvc process killed while writing it leaves it so, "
         "treeverse/dvc#7615) and no dvc process was editing it"
     )
+
+
+def heal_dvc_lockfile(root: str | Path) -> str | None:
+    """Drop the stage entries of ``dvc.lock`` that a killed ``dvc`` left cut off; say so, else return None.
+
+    DVC rewrites ``dvc.lock`` whole (read, update one stage, dump) in place, without a temporary file: a SIGKILL
+    inside the dump leaves it cut off (seen in the fault suite), and every later ``dvc repro`` then stops with
+    "'./dvc.lock' validation failed" until someone edits it. A stage without an entry simply runs again, so the
+    entries that still validate against DVC's own schema are kept and the rest dropped; a file that no longer
+    parses is moved aside whole (``dvc.lock.broken``). Done under DVC's repository lock: while a ``dvc`` runs, the
+    file is its own and is left alone.
+    """
+    import yaml
+
+    path = Path(root) / "dvc.lock"
+    if not path.is_file():
+        return None
+    from dvc.schema import COMPILED_LOCK_FILE_STAGE_SCHEMA, COMPILED_LOCKFILE_SCHEMA
+    from voluptuous import Invalid
+
+    def broken() -> tuple[Any, list[str]] | None:  # None: valid (or gone)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (yaml.YAMLError, UnicodeDecodeError):
+            return None, []
+        try:
+            COMPILED_LOCKFILE_SCHEMA(data)
+            return None
+        except Invalid:
+            pass
+        stages = data.get("stages") if isinstance(data, dict) else None
+        if not isinstance(stages, dict):
+            return None, []
+        bad = []
+        for name, entry in stages.items():
+            try:
+                COMPILED_LOCK_FILE_STAGE_SCHEMA(entry)
+            except Invalid:
+                bad.append(str(name))
+        return (data, bad) if bad else None  # every entry whole: not a cut-off file, DVC's error stands
+
+    if broken() is None:
+        return None
+    from dvc.lock import LockError, make_lock
+
+    tmp = path.parent / ".dvc" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        with make_lock(str(tmp / "lock"), tmp_dir=str(tmp), hardlink_lock=False):
+            found = broken()
+            if found is None:  # a dvc finished its write meanwhile
+                return None
+            data, bad = found
+            if data is None:
+                aside = path.with_name("dvc.lock.broken")
+                os.replace(path, aside)
+                return (
+                    f"{path}: moved to {aside.name}, it does not parse (a dvc killed while writing it leaves it so); "
+                    "every stage runs again"
+                )
+            kept = {k: v for k, v in data["stages"].items() if str(k) not in bad}
+            out = path.with_name(f"dvc.lock.{os.getpid()}.tmp")
+            out.write_text(yaml.safe_dump({**data, "stages": kept}, sort_keys=False, allow_unicode=True), "utf-8")
+            os.replace(out, path)
+    except LockError:  # a dvc is running: the file is its own
+        return None
+    return f"{path}: the entries of {', '.join(bad)} were cut off by a killed dvc and are dropped; they run again"
