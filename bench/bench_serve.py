@@ -8,9 +8,8 @@ service and load, ``TIME_LIMIT`` seconds at most), one image per request, then t
 clients against the same process. Rounds run A B B A (naive, ours, ours, naive) so drift on a shared machine
 falls on both sides. In each of our loads the registry alias ``champion`` moves to the other version halfway
 through: the errors figure includes the switches. Ours runs with ``serve``'s defaults (``ServeParams``): the
-bench measures what ships. After the rounds, with no service up, the
-graph alone is timed as the service lays it out (``serve_graph_ceiling``): the most a service laid out this way
-could answer here.
+bench measures what ships. After the rounds, with no service up, the graph alone is timed as the service lays it
+out (``serve_<precision>_graph_ceiling``): the most a service laid out this way could answer here.
 
 The model is a YOLO11n (16 ontology classes, untrained) exported at imgsz 320 with dynamic shapes, measured twice:
 as the export stage ships the champion when INT8 pays (static QDQ calibrated on the bench's images, by

@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from wanwu.offline import state_dir
 
@@ -137,13 +136,14 @@ def heal_dvc_lockfile(root: str | Path) -> str | None:
     from dvc.schema import COMPILED_LOCK_FILE_STAGE_SCHEMA, COMPILED_LOCKFILE_SCHEMA
     from voluptuous import Invalid
 
-    def broken() -> tuple[Any, list[str]] | None:  # None: valid (or gone)
+    def damage() -> list[str] | None:
+        """None: whole (or gone). []: nothing worth keeping (no YAML, no stage table). Else the cut stages."""
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
         except (yaml.YAMLError, UnicodeDecodeError):
-            return None, []
+            return []
         try:
             COMPILED_LOCKFILE_SCHEMA(data)
             return None
@@ -151,16 +151,16 @@ def heal_dvc_lockfile(root: str | Path) -> str | None:
             pass
         stages = data.get("stages") if isinstance(data, dict) else None
         if not isinstance(stages, dict):
-            return None, []
-        bad = []
+            return []
+        cut = []
         for name, entry in stages.items():
             try:
                 COMPILED_LOCK_FILE_STAGE_SCHEMA(entry)
             except Invalid:
-                bad.append(str(name))
-        return (data, bad) if bad else None  # every entry whole: not a cut-off file, DVC's error stands
+                cut.append(name)
+        return cut or None  # every entry whole: not a cut-off file, DVC's own error stands
 
-    if broken() is None:
+    if damage() is None:
         return None
     from dvc.lock import LockError, make_lock
 
@@ -168,21 +168,22 @@ def heal_dvc_lockfile(root: str | Path) -> str | None:
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         with make_lock(str(tmp / "lock"), tmp_dir=str(tmp), hardlink_lock=False):
-            found = broken()
-            if found is None:  # a dvc finished its write meanwhile
+            cut = damage()  # again, under the lock: a dvc may have finished its write meanwhile
+            if cut is None:
                 return None
-            data, bad = found
-            if data is None:
+            if not cut:
                 aside = path.with_name("dvc.lock.broken")
                 os.replace(path, aside)
                 return (
-                    f"{path}: moved to {aside.name}, it does not parse (a dvc killed while writing it leaves it so); "
-                    "every stage runs again"
+                    f"{path}: moved to {aside.name}, it does not parse as a lock file (a dvc killed while writing "
+                    "it leaves it so); every stage runs again"
                 )
-            kept = {k: v for k, v in data["stages"].items() if str(k) not in bad}
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data["stages"] = {k: v for k, v in data["stages"].items() if k not in cut}
             out = path.with_name(f"dvc.lock.{os.getpid()}.tmp")
-            out.write_text(yaml.safe_dump({**data, "stages": kept}, sort_keys=False, allow_unicode=True), "utf-8")
+            out.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
             os.replace(out, path)
     except LockError:  # a dvc is running: the file is its own
         return None
-    return f"{path}: the entries of {', '.join(bad)} were cut off by a killed dvc and are dropped; they run again"
+    names = ", ".join(map(str, cut))
+    return f"{path}: the entries of {names} were cut off by a killed dvc and are dropped; they run again"

@@ -684,7 +684,8 @@ class MicroBatcher:
             self._ready.notify_all()
         _fail(left, ApiError(503, "shutting_down", "the server is shutting down; retry"))
         threads, self._threads = self._threads, []
-        await asyncio.to_thread(lambda: [t.join() for t in threads])  # batches in flight finish and answer
+        for t in threads:  # batches in flight finish and answer (the loop runs meanwhile: their callbacks land)
+            await asyncio.to_thread(t.join)
 
     def enqueue(self, job: _Job) -> None:
         """Queue a job from any thread (the decode thread that prepared it); Busy when the queue is full."""
