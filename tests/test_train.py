@@ -177,6 +177,73 @@ def test_training_is_deterministic_under_a_seed(tmp_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_amp_bf16_runs_where_the_hardware_has_it_else_falls_back():
+    from wanwu.training import resolve_amp
+
+    os.environ.pop("WANWU_CPU_BF16", None)
+    for env, expected in (("1", (False, True)), ("0", (False, False))):
+        os.environ["WANWU_CPU_BF16"] = env
+        try:
+            # ultralytics gets amp=False on the CPU either way (its bf16 raises there); wanwu autocasts or not
+            assert resolve_amp("bf16", "cpu") == expected
+        finally:
+            os.environ.pop("WANWU_CPU_BF16", None)
+    assert resolve_amp(False, "cpu") == (False, False)
+    assert resolve_amp(True, "cpu") == (True, False)  # ultralytics' own fp16 AMP: it turns it off on a CPU itself
+
+
+@pytest.mark.slow
+def test_amp_bf16_trains_the_network_in_bfloat16_on_the_cpu_deterministically(tmp_path, monkeypatch):
+    """ultralytics trains fp32 on a CPU whatever amp says; with amp=bf16 wanwu runs the network's forward (so its
+    backward) in bfloat16, keeps the loss, optimizer and EMA fp32, saves a plain checkpoint, and repeats under a
+    seed. $WANWU_CPU_BF16=1 runs the bf16 path on any CPU (emulated where there is no native bf16: slower only)."""
+    import torch
+
+    from wanwu.checkpoints import load_ultralytics
+    from wanwu.training import fit
+
+    monkeypatch.setenv("WANWU_CPU_BF16", "1")
+    _, data_dir = _project(tmp_path, n_train=8)
+    data = data_dir / "quality" / "dataset" / "data.yaml"
+    args = {"epochs": 1, "imgsz": 64, "batch": 4, "seed": 7, "deterministic": True}
+    seen: dict[str, set] = {}
+    left: dict[str, bool] = {}
+
+    def watch(name: str) -> dict:
+        def start(trainer) -> None:  # after wanwu's own on_train_start (its callbacks come first)
+            dtypes = seen.setdefault(name, set())
+            trainer.model.model[0].register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+
+        def end(trainer) -> None:
+            left[name] = "predict" in trainer.model.__dict__
+
+        return {"on_train_start": start, "on_train_end": end}
+
+    weights = {}
+    for name, amp in (("bf16_a", "bf16"), ("bf16_b", "bf16"), ("fp32", False)):
+        result = fit(
+            data,
+            tmp_path / name,
+            model="yolo11n.yaml",
+            device="cpu",
+            progress=None,
+            callbacks=watch(name),
+            amp=amp,
+            **args,
+        )
+        assert result.metrics["metrics/mAP50(B)"] >= 0  # validated (the fp32 EMA) like any run
+        model, _ = load_ultralytics(result.best, "best", fuse=False)
+        assert "predict" not in model.__dict__  # a plain model in the checkpoint
+        weights[name] = model.float().state_dict()
+        stamp = json.loads((result.run_dir / "wanwu_args.json").read_text())
+        assert stamp["args"]["amp"] == amp  # what was asked is what the run is known by (resume, fingerprint)
+    assert seen == {"bf16_a": {torch.bfloat16}, "bf16_b": {torch.bfloat16}, "fp32": {torch.float32}}
+    assert left == {"bf16_a": False, "bf16_b": False, "fp32": False}  # the network is plain again after training
+    a, b, f = weights["bf16_a"], weights["bf16_b"], weights["fp32"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic under a seed in bf16 too
+    assert any(not torch.equal(a[k], f[k]) for k in a)  # and it did train differently from fp32
+
+
 @pytest.mark.slow
 def test_cpu_training_uses_every_core_unless_told(tmp_path, monkeypatch):
     """ultralytics sets cpu_count() - 1 torch threads (one on a 2-core machine); wanwu trains on all of them,

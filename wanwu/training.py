@@ -293,6 +293,97 @@ def threads_callbacks(n: int) -> dict[str, Callable]:
     return {"on_pretrain_routine_end": set_threads}
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16), as its flags say.
+
+    oneDNN also runs bf16 on CPUs without it, emulated and slower than fp32: there a bf16 request stays fp32.
+    ``$WANWU_CPU_BF16`` = 0 / 1 overrides the detection (1 on a CPU without it is slower, not wrong).
+    """
+    env = os.environ.get("WANWU_CPU_BF16", "").strip()
+    if env:
+        return env not in {"0", "false", "False", "no"}
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:  # not Linux: no flags to read
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in {"flags", "Features"}:
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_amp(amp: Any, device: str) -> tuple[Any, bool]:
+    """ultralytics' ``amp`` for ``device``, and whether wanwu runs the network in bfloat16 on the CPU itself.
+
+    ultralytics trains fp32 on the CPU whatever ``amp`` says (``amp: bf16`` there raises: its autocast helper
+    allows bf16 on CUDA only). On a CPU with native bf16 wanwu runs the network's forward and backward under
+    ``torch.autocast("cpu", bfloat16)`` (:func:`cpu_bf16_callbacks`): weights, optimizer and loss stay fp32, as in
+    any mixed-precision training. On a GPU without bf16, ``bf16`` becomes ultralytics' fp16 AMP.
+    """
+    if amp != "bf16":
+        return amp, False
+    if device == "cpu":
+        if cpu_has_native_bf16():
+            return False, True
+        log.info("amp: bf16 asked, but this CPU has no native bf16 (avx512_bf16 / amx_bf16 / bf16): training fp32")
+        return False, False
+    if device in {"mps"}:
+        return False, False
+    import torch
+
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        log.info("amp: bf16 asked, but this GPU has no native bf16: ultralytics' fp16 AMP instead")
+        return True, False
+    return amp, False
+
+
+def _as_float32(out: Any) -> Any:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, dict):
+        return {k: _as_float32(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return type(out)(_as_float32(v) for v in out)
+    return out
+
+
+def cpu_bf16_callbacks() -> dict[str, Callable]:
+    """Run the training network's forward (and so its backward) in bfloat16 on the CPU; the loss stays fp32.
+
+    Measured on the 2-core Zen 4 machine (AVX512-BF16), YOLO11n at 256 px, batch 8, forward + backward: 271 ms
+    fp32 → 170 ms bf16. The network's ``predict`` is wrapped from ``on_train_start`` (after the EMA copy, which
+    validation and the checkpoints use, so both stay plain fp32 models) to ``on_train_end``. ultralytics'
+    feature-distillation model is left fp32: its loss reads the networks' features through hooks.
+    """
+    import torch
+    from ultralytics.nn.tasks import BaseModel
+    from ultralytics.utils.torch_utils import unwrap_model
+
+    def start(trainer: Any) -> None:
+        net = unwrap_model(trainer.model)
+        if not isinstance(net, BaseModel):
+            log.info("amp: bf16 is not applied to %s on the CPU: training fp32", type(net).__name__)
+            return
+        plain = type(net).predict.__get__(net)
+
+        def predict(*args: Any, **kwargs: Any) -> Any:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = plain(*args, **kwargs)
+            return _as_float32(out)
+
+        net.predict = predict  # an instance attribute: the class's own predict is untouched
+
+    def end(trainer: Any) -> None:
+        net = unwrap_model(trainer.model)
+        net.__dict__.pop("predict", None)
+
+    return {"on_train_start": start, "on_train_end": end}
+
+
 def mlflow_run_link_callbacks(run_id: str) -> dict[str, Callable]:
     """Link a resumed run to the MLflow run of the killed one (tagged KILLED), and remember this run's id."""
 
@@ -393,6 +484,8 @@ def fit(
         name="run",
     )
     check_args(args)
+    # the fingerprint keeps what was asked (amp: bf16); ultralytics gets what it can run on this device
+    ul_amp, cpu_bf16 = resolve_amp(args.get("amp"), args["device"])
     factory = trainer_factory or DetectionTrainer
     tag = getattr(factory, "fingerprint_tag", None) or getattr(factory, "__qualname__", type(factory).__name__)
     # every N epochs picks best.pt among fewer epochs: another run (1, the default, keeps earlier fingerprints)
@@ -409,6 +502,8 @@ def fit(
         stamp.write_text(json.dumps({"fingerprint": fingerprint, "args": args}, default=str, indent=1))
 
     overrides = dict(args)
+    if "amp" in overrides:
+        overrides["amp"] = ul_amp
     if resume:
         log.info("resuming the unfinished run in %s after epoch %d", run_dir, saved_epoch + 1)
         _trim_results(run_dir / "results.csv", saved_epoch + 1)
@@ -420,6 +515,8 @@ def fit(
     cbs = ul_callbacks.get_default_callbacks()
     trainer = factory(overrides=overrides, _callbacks=cbs)
     extra: list[dict[str, Callable]] = [threads_callbacks(cpu_threads())]
+    if cpu_bf16:
+        extra.append(cpu_bf16_callbacks())
     if val_period > 1:
         extra.insert(0, val_period_callbacks(val_period))  # first: the loggers after it see this epoch's metrics
     if mlflow_fallback:
