@@ -1,7 +1,7 @@
 """Overhead of the train stage (MLflow run, resume check, progress, metrics.json) over ultralytics called directly.
 
 Both arms train YOLO11n from yaml with the same arguments on the same small dataset, in the same process,
-interleaved (A B B A A B) so slow drift of a shared machine hits both; ultralytics' own MLflow callback is on in
+interleaved (A B B A A B B A, four runs each) so slow drift of a shared machine hits both; ultralytics' own MLflow callback is on in
 both (the same settings), each run into its own SQLite store, created before the clock starts. The figure is the
 best (minimum) wall time of each arm: on a machine shared with other work, interference only ever adds time.
 """
@@ -125,7 +125,7 @@ def bench(tmp_dir: Path) -> list[dict]:
         # imports, the first model build, caches: paid here, by neither arm
         _direct(data, tmp_dir / "warmup", tmp_dir / "warmup.db", epochs=1)
         # A: ultralytics direct, B: the stage (both fp32), C: the stage in bf16 where the CPU has it
-        for i, arm in enumerate("ABCCBAABC" if native_bf16 else "ABBAAB"):
+        for i, arm in enumerate("ABCCBAABCCBA" if native_bf16 else "ABBAABBA"):
             if arm == "A":
                 direct.append(_direct(data, tmp_dir / f"direct{i}", tmp_dir / f"direct{i}.db"))
             else:
