@@ -329,7 +329,7 @@ def resolve_amp(amp: Any, device: str) -> tuple[Any, bool]:
             return False, True
         log.info("amp: bf16 asked, but this CPU has no native bf16 (avx512_bf16 / amx_bf16 / bf16): training fp32")
         return False, False
-    if device in {"mps"}:
+    if device == "mps":
         return False, False
     import torch
 
