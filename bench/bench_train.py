@@ -1,9 +1,10 @@
 """Overhead of the train stage (MLflow run, resume check, progress, metrics.json) over ultralytics called directly.
 
 Both arms train YOLO11n from yaml with the same arguments on the same small dataset, in the same process,
-interleaved (A B B A A B B A, four runs each) so slow drift of a shared machine hits both; ultralytics' own MLflow callback is on in
-both (the same settings), each run into its own SQLite store, created before the clock starts. The figure is the
-best (minimum) wall time of each arm: on a machine shared with other work, interference only ever adds time.
+interleaved (A B B A A B B A, four runs each) so slow drift of a shared machine hits both; ultralytics' own MLflow
+callback is on in both (the same settings), each run into its own SQLite store, created before the clock starts.
+The figure is the best (minimum) wall time of each arm: on a machine shared with other work, interference only ever
+adds time. On a CPU with native bf16 a third arm C, the stage in bf16, joins them (A B C C B A A B C C B A).
 """
 
 from __future__ import annotations

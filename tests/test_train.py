@@ -177,17 +177,14 @@ def test_training_is_deterministic_under_a_seed(tmp_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_amp_bf16_runs_where_the_hardware_has_it_else_falls_back():
+def test_amp_bf16_runs_where_the_hardware_has_it_else_falls_back(monkeypatch):
     from wanwu.training import resolve_amp
 
-    os.environ.pop("WANWU_CPU_BF16", None)
     for env, expected in (("1", (False, True)), ("0", (False, False))):
-        os.environ["WANWU_CPU_BF16"] = env
-        try:
-            # ultralytics gets amp=False on the CPU either way (its bf16 raises there); wanwu autocasts or not
-            assert resolve_amp("bf16", "cpu") == expected
-        finally:
-            os.environ.pop("WANWU_CPU_BF16", None)
+        monkeypatch.setenv("WANWU_CPU_BF16", env)
+        # ultralytics gets amp=False on the CPU either way (its bf16 raises there); wanwu autocasts or not
+        assert resolve_amp("bf16", "cpu") == expected
+    monkeypatch.delenv("WANWU_CPU_BF16")
     assert resolve_amp(False, "cpu") == (False, False)
     assert resolve_amp(True, "cpu") == (True, False)  # ultralytics' own fp16 AMP: it turns it off on a CPU itself
 
