@@ -189,35 +189,53 @@ def test_amp_bf16_runs_where_the_hardware_has_it_else_falls_back(monkeypatch):
     assert resolve_amp(True, "cpu") == (True, False)  # ultralytics' own fp16 AMP: it turns it off on a CPU itself
 
 
+def test_channels_last_on_the_cpu_where_it_is_the_fast_layout_unless_told():
+    from wanwu.training import cpu_channels_last_helps, resolve_channels_last
+
+    # ultralytics gets its default (None) on a CPU, where true would only warn; wanwu applies the layout itself
+    assert resolve_channels_last(None, "cpu") == (None, cpu_channels_last_helps())
+    assert resolve_channels_last(True, "cpu") == (None, True)
+    assert resolve_channels_last(False, "cpu") == (False, False)
+    assert resolve_channels_last(None, "0") == (None, False)  # CUDA: ultralytics' own channels-last
+
+
 @pytest.mark.slow
 def test_amp_bf16_trains_the_network_in_bfloat16_on_the_cpu_deterministically(tmp_path, monkeypatch):
     """ultralytics trains fp32 on a CPU whatever amp says; with amp=bf16 wanwu runs the network's forward (so its
     backward) in bfloat16, keeps the loss, optimizer and EMA fp32, saves a plain checkpoint, and repeats under a
-    seed. $WANWU_CPU_BF16=1 runs the bf16 path on any CPU (emulated where there is no native bf16: slower only)."""
+    seed. $WANWU_CPU_BF16=1 runs the bf16 path on any CPU (emulated where there is no native bf16: slower only).
+    The network trains channels-last where that is the fast layout (channels_last null) and plain when told."""
     import torch
 
     from wanwu.checkpoints import load_ultralytics
-    from wanwu.training import fit
+    from wanwu.training import cpu_channels_last_helps, fit
 
     monkeypatch.setenv("WANWU_CPU_BF16", "1")
     _, data_dir = _project(tmp_path, n_train=8)
     data = data_dir / "quality" / "dataset" / "data.yaml"
     args = {"epochs": 1, "imgsz": 64, "batch": 4, "seed": 7, "deterministic": True}
     seen: dict[str, set] = {}
+    layouts: dict[str, set] = {}
     left: dict[str, bool] = {}
 
     def watch(name: str) -> dict:
         def start(trainer) -> None:  # after wanwu's own on_train_start (its callbacks come first)
-            dtypes = seen.setdefault(name, set())
-            trainer.model.model[0].register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+            dtypes, nhwc = seen.setdefault(name, set()), layouts.setdefault(name, set())
+
+            def hook(m, i, o) -> None:
+                dtypes.add(o.dtype)
+                nhwc.add(o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous())
+
+            trainer.model.model[0].register_forward_hook(hook)
 
         def end(trainer) -> None:
-            left[name] = "predict" in trainer.model.__dict__
+            weight = trainer.model.model[0].conv.weight
+            left[name] = "predict" in trainer.model.__dict__ or not weight.is_contiguous()
 
         return {"on_train_start": start, "on_train_end": end}
 
     weights = {}
-    for name, amp in (("bf16_a", "bf16"), ("bf16_b", "bf16"), ("fp32", False)):
+    for name, amp, channels_last in (("bf16_a", "bf16", None), ("bf16_b", "bf16", None), ("fp32", False, False)):
         result = fit(
             data,
             tmp_path / name,
@@ -226,6 +244,7 @@ def test_amp_bf16_trains_the_network_in_bfloat16_on_the_cpu_deterministically(tm
             progress=None,
             callbacks=watch(name),
             amp=amp,
+            channels_last=channels_last,
             **args,
         )
         assert result.metrics["metrics/mAP50(B)"] >= 0  # validated (the fp32 EMA) like any run
@@ -235,6 +254,8 @@ def test_amp_bf16_trains_the_network_in_bfloat16_on_the_cpu_deterministically(tm
         stamp = json.loads((result.run_dir / "wanwu_args.json").read_text())
         assert stamp["args"]["amp"] == amp  # what was asked is what the run is known by (resume, fingerprint)
     assert seen == {"bf16_a": {torch.bfloat16}, "bf16_b": {torch.bfloat16}, "fp32": {torch.float32}}
+    nhwc = cpu_channels_last_helps()  # x86 with oneDNN, as on the CI machines
+    assert layouts == {"bf16_a": {nhwc}, "bf16_b": {nhwc}, "fp32": {False}}
     assert left == {"bf16_a": False, "bf16_b": False, "fp32": False}  # the network is plain again after training
     a, b, f = weights["bf16_a"], weights["bf16_b"], weights["fp32"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic under a seed in bf16 too

@@ -384,6 +384,53 @@ def cpu_bf16_callbacks() -> dict[str, Callable]:
     return {"on_train_start": start, "on_train_end": end}
 
 
+def cpu_channels_last_helps() -> bool:
+    """Whether channels-last (NHWC) convolutions are the fast layout on this CPU: x86 with oneDNN, as ultralytics'
+    own predictor decides (``AutoBackend`` turns it on there for inference; its trainer never does on a CPU)."""
+    import platform
+
+    import torch
+
+    return (
+        platform.machine() in {"x86_64", "AMD64"}
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.backends.mkldnn.enabled)
+    )
+
+
+def resolve_channels_last(channels_last: Any, device: str) -> tuple[Any, bool]:
+    """ultralytics' ``channels_last`` for ``device``, and whether wanwu trains the network channels-last on the CPU.
+
+    ultralytics puts the training network in channels-last on CUDA only ("no benefit on CPU"; ``true`` on a CPU
+    warns and is ignored). Measured on the 2-core Zen 4 machine, a student epoch (1,052 images at 320 px, batch
+    8) takes 42 s → 36 s in bf16 and 64 s → 50 s in fp32 channels-last; a 64 px classifier step 29 → 26 ms in
+    bf16. ``None`` (ultralytics' default): channels-last on a CPU where it is the fast layout
+    (:func:`cpu_channels_last_helps`); ``true``: on any CPU; ``false``: never.
+    """
+    if device != "cpu" or channels_last is False:
+        return channels_last, False
+    wanted = True if channels_last is True else cpu_channels_last_helps()
+    return None, wanted  # ultralytics gets its default: it would only warn on a CPU
+
+
+def cpu_channels_last_callbacks() -> dict[str, Callable]:
+    """Keep the training network channels-last from ``on_train_start`` to ``on_train_end``.
+
+    The EMA copy (validation, checkpoints) is made before and stays in the plain layout; its in-place update
+    reads the channels-last weights as any tensors. The network is plain again after training.
+    """
+    import torch
+    from ultralytics.utils.torch_utils import unwrap_model
+
+    def start(trainer: Any) -> None:
+        unwrap_model(trainer.model).to(memory_format=torch.channels_last)
+
+    def end(trainer: Any) -> None:
+        unwrap_model(trainer.model).to(memory_format=torch.contiguous_format)
+
+    return {"on_train_start": start, "on_train_end": end}
+
+
 def mlflow_run_link_callbacks(run_id: str) -> dict[str, Callable]:
     """Link a resumed run to the MLflow run of the killed one (tagged KILLED), and remember this run's id."""
 
@@ -486,6 +533,7 @@ def fit(
     check_args(args)
     # the fingerprint keeps what was asked (amp: bf16); ultralytics gets what it can run on this device
     ul_amp, cpu_bf16 = resolve_amp(args.get("amp"), args["device"])
+    ul_channels_last, cpu_channels_last = resolve_channels_last(args.get("channels_last"), args["device"])
     factory = trainer_factory or DetectionTrainer
     tag = getattr(factory, "fingerprint_tag", None) or getattr(factory, "__qualname__", type(factory).__name__)
     # every N epochs picks best.pt among fewer epochs: another run (1, the default, keeps earlier fingerprints)
@@ -504,6 +552,8 @@ def fit(
     overrides = dict(args)
     if "amp" in overrides:
         overrides["amp"] = ul_amp
+    if "channels_last" in overrides:
+        overrides["channels_last"] = ul_channels_last
     if resume:
         log.info("resuming the unfinished run in %s after epoch %d", run_dir, saved_epoch + 1)
         _trim_results(run_dir / "results.csv", saved_epoch + 1)
@@ -517,6 +567,8 @@ def fit(
     extra: list[dict[str, Callable]] = [threads_callbacks(cpu_threads())]
     if cpu_bf16:
         extra.append(cpu_bf16_callbacks())
+    if cpu_channels_last:
+        extra.append(cpu_channels_last_callbacks())
     if val_period > 1:
         extra.insert(0, val_period_callbacks(val_period))  # first: the loggers after it see this epoch's metrics
     if mlflow_fallback:
