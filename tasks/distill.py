@@ -38,8 +38,21 @@ def _teacher(params: DistillParams, project: ProjectParams, root: Path) -> str:
     model = resolve_start_model(params.teacher_model, None, root)
     if model.endswith(".pt"):
         return model
-    # trained from scratch like the baseline (train's optimizer defaults), at the distill run's sizes
-    shared = {"imgsz", "batch", "nbs", "seed", "deterministic", "cache", "workers", "val_period", "extra"}
+    # trained from scratch like the baseline (train's optimizer defaults), at the distill run's sizes, precision
+    # and memory layout (distill.amp / distill.channels_last: a GPU profile's fp16 AMP reaches the teacher too)
+    shared = {
+        "imgsz",
+        "batch",
+        "nbs",
+        "seed",
+        "deterministic",
+        "cache",
+        "workers",
+        "amp",
+        "channels_last",
+        "val_period",
+        "extra",
+    }
     teacher_params = TrainParams(
         **params.model_dump(include=shared), epochs=params.teacher_epochs, model=model, fallback_model=model
     )
